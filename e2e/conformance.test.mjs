@@ -1,0 +1,11 @@
+// Runs the pinned official conformance suite (see package.json) against the
+// server named by CONFORMANCE_TEST_URL. The package's own CLI cannot run its
+// runner from node_modules under vitest 4 (node_modules is excluded), so this
+// file calls the suite's exported entry point instead.
+import { runConformanceTests } from "@durable-streams/server-conformance-tests"
+
+const baseUrl = process.env.CONFORMANCE_TEST_URL
+if (!baseUrl) {
+  throw new Error("CONFORMANCE_TEST_URL is required (make conformance sets it)")
+}
+runConformanceTests({ baseUrl })

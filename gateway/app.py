@@ -1,0 +1,182 @@
+"""The ASGI application: wiring, lifespan, health, metrics, and the middleware
+that puts security and CORS headers on every response."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import __version__, logs, metrics
+from .live import LiveHub
+from .routes import StreamRoutes, problem
+from .settings import Settings
+from .store import Store
+
+log = logging.getLogger("dsgw.app")
+
+# Request headers a browser client sends, and response headers it must be able to read.
+CORS_ALLOW_HEADERS = (
+    "content-type, stream-ttl, stream-expires-at, stream-closed, stream-seq, stream-forked-from, "
+    "stream-fork-offset, stream-fork-sub-offset, producer-id, producer-epoch, producer-seq, "
+    "if-none-match, cache-control, authorization, x-request-id"
+)
+CORS_EXPOSE_HEADERS = (
+    "stream-next-offset, stream-up-to-date, stream-closed, stream-cursor, stream-ttl, "
+    "stream-expires-at, stream-sse-data-encoding, producer-epoch, producer-seq, "
+    "producer-expected-seq, producer-received-seq, etag, location, content-type, x-request-id"
+)
+
+
+def connect_redis(settings: Settings) -> aioredis.Redis:
+    # A blocking pool makes a burst of requests queue for a connection instead of
+    # failing with "too many connections" (the default pool's behaviour).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_pool_timeout_s,
+        health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+class Gateway:
+    """Everything one gateway process holds: settings, Redis, store, live hub."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = connect_redis(settings)
+        self.store = Store(self.redis)
+        self.hub = LiveHub(self.redis, recheck_s=settings.live_recheck_ms / 1000)
+
+    async def start(self) -> None:
+        await self.hub.start()
+
+    async def stop(self) -> None:
+        await self.hub.stop()
+        await self.redis.aclose()
+
+
+class EdgeMiddleware:
+    """Security headers and CORS on every response, OPTIONS preflights, request
+    ids, and a problem body (never a bare 500) for storage outages."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        origins = settings.cors_origins
+        self.any_origin = "*" in origins
+        self.origins = {o.encode() for o in origins}
+        self.static = [
+            (b"x-content-type-options", b"nosniff"),
+            (b"cross-origin-resource-policy", settings.cross_origin_resource_policy.encode()),
+            (b"access-control-expose-headers", CORS_EXPOSE_HEADERS.encode()),
+        ]
+
+    def _cors(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        if self.any_origin:
+            return [(b"access-control-allow-origin", b"*")]
+        for key, value in scope["headers"]:
+            if key == b"origin" and value in self.origins:
+                return [(b"access-control-allow-origin", value), (b"vary", b"origin")]
+        return []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        extra = self.static + self._cors(scope)
+        if scope["method"] == "OPTIONS":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 204,
+                    "headers": extra
+                    + [
+                        (b"access-control-allow-methods", b"GET, HEAD, PUT, POST, DELETE, OPTIONS"),
+                        (b"access-control-allow-headers", CORS_ALLOW_HEADERS.encode()),
+                        (b"access-control-max-age", b"86400"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
+
+        started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = list(message.get("headers", [])) + extra
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except RedisError as exc:
+            log.warning("storage unavailable: %s", exc)
+            if not started:
+                await problem(503, "Storage unavailable", type(exc).__name__)(scope, receive, send_with_headers)
+        except Exception:
+            request_id = uuid.uuid4().hex[:16]
+            log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+            if not started:
+                await problem(500, "Internal error", f"request {request_id}")(scope, receive, send_with_headers)
+
+
+def create_app(settings: Settings | None = None) -> Any:
+    settings = settings or Settings.from_env()
+    logs.setup(settings.log_level)
+    gateway = Gateway(settings)
+    routes = StreamRoutes(gateway)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        await gateway.start()
+        log.info("gateway started", extra={"fields": {"version": __version__}})
+        try:
+            yield
+        finally:
+            await gateway.stop()
+            log.info("gateway stopped")
+
+    app = FastAPI(title="ds-gateway", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gateway = gateway
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        checks = {"redis": False, "subscription": gateway.hub.ready}
+        try:
+            checks["redis"] = bool(await gateway.redis.ping())
+        except RedisError:
+            pass
+        ok = all(checks.values())
+        return JSONResponse({"status": "ready" if ok else "not ready", **checks}, 200 if ok else 503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, headers={"content-type": content_type})
+
+    app.router.routes.extend(
+        [
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route(
+                "/v1/stream/{name:path}",
+                routes.endpoint,
+                methods=["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH"],
+            ),
+        ]
+    )
+    return EdgeMiddleware(app, settings)

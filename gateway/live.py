@@ -1,0 +1,203 @@
+"""Per-process live fan-out: one Redis pub/sub connection for the whole process,
+one subscription per stream that has live readers here, and any number of local
+long-poll and SSE readers waiting on it without a Redis connection of their own.
+
+Every write script publishes the new tail on the stream's channel. A reader
+takes a `Watch` *before* it reads, so a notification that arrives between its
+read and its wait is not lost (the watch's version has moved on). Readers also
+re-read after `recheck_s` without any notification, and every reader is woken
+when the subscription connection is re-established, so a lost notification
+delays a message, never loses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+log = logging.getLogger("dsgw.live")
+
+IDLE_UNSUBSCRIBE_S = 30.0  # keep a quiet subscription a while: readers come back
+
+
+@dataclass
+class _Channel:
+    version: int = 0
+    readers: int = 0
+    idle_since: float = 0.0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    confirmed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def bump(self) -> None:
+        self.version += 1
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class Watch:
+    """A reader's interest in one channel; `wait` returns once it changed."""
+
+    def __init__(self, channel: _Channel, recheck_s: float) -> None:
+        self._channel = channel
+        self._seen = channel.version
+        self._recheck_s = recheck_s
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Wait for a notification newer than the last wait; False on timeout
+        (or after the recheck interval, when the caller should re-read anyway)."""
+        channel = self._channel
+        if channel.version == self._seen:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    channel.changed.wait(), min(timeout_s, self._recheck_s)
+                )
+        changed = channel.version != self._seen
+        self._seen = channel.version
+        return changed
+
+
+class LiveHub:
+    def __init__(self, redis: Redis, *, recheck_s: float = 5.0, sharded: bool = False) -> None:
+        self._redis = redis
+        self._recheck_s = recheck_s
+        self._sharded = sharded
+        self._channels: dict[str, _Channel] = {}
+        self._pubsub = None
+        self._task: asyncio.Task[None] | None = None
+        self._ready = False
+        self.notifications = 0
+
+    @property
+    def ready(self) -> bool:
+        """The subscription connection is up (checked by /readyz)."""
+        return self._ready
+
+    @property
+    def reader_count(self) -> int:
+        return sum(c.readers for c in self._channels.values())
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="dsgw-live-hub")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for channel in self._channels.values():
+            channel.bump()
+        await self._close_pubsub()
+
+    @contextlib.asynccontextmanager
+    async def watch(self, name: str) -> AsyncIterator[Watch]:
+        channel = self._channels.get(name)
+        if channel is None:
+            channel = self._channels[name] = _Channel()
+            await self._subscribe(name)
+        channel.readers += 1
+        if not channel.confirmed.is_set():
+            # Until Redis confirms the subscription a notification could slip by;
+            # a bounded wait, since the recheck interval covers a lost one anyway.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(channel.confirmed.wait(), 1.0)
+        try:
+            yield Watch(channel, self._recheck_s)
+        finally:
+            channel.readers -= 1
+            if channel.readers == 0:
+                channel.idle_since = time.monotonic()
+
+    async def _subscribe(self, *names: str) -> None:
+        if self._pubsub is None or not names:
+            return
+        try:
+            if self._sharded:
+                await self._pubsub.ssubscribe(*names)
+            else:
+                await self._pubsub.subscribe(*names)
+        except Exception as exc:  # the run loop reconnects and resubscribes
+            log.warning("subscribe failed: %s", exc)
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        self._ready = False
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._connect()
+                backoff = 0.1
+                await self._pump()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("live subscription lost: %s", exc)
+                await self._close_pubsub()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _connect(self) -> None:
+        self._pubsub = self._redis.pubsub()
+        for channel in self._channels.values():
+            channel.confirmed.clear()
+        # A placeholder subscription keeps the connection in pub/sub mode (and
+        # its liveness visible) even when no stream has readers.
+        await self._pubsub.subscribe("ds:__hub__")
+        await self._subscribe(*self._channels)
+        self._ready = True
+        # Whatever was published while we were away: every reader re-reads.
+        for channel in self._channels.values():
+            channel.bump()
+
+    async def _pump(self) -> None:
+        assert self._pubsub is not None
+        last_sweep = last_ping = time.monotonic()
+        while True:
+            message = await self._pubsub.get_message(timeout=1.0)
+            now = time.monotonic()
+            if message is not None:
+                self._dispatch(message)
+            if now - last_sweep > 5.0:
+                last_sweep = now
+                await self._unsubscribe_idle(now)
+            if now - last_ping > 5.0:
+                last_ping = now
+                await self._pubsub.ping()
+
+    def _dispatch(self, message: dict) -> None:
+        kind = message["type"]
+        name = message["channel"]
+        name = name.decode() if isinstance(name, bytes) else name
+        channel = self._channels.get(name)
+        if channel is None:
+            return
+        if kind in ("message", "smessage"):
+            self.notifications += 1
+            channel.bump()
+        elif kind in ("subscribe", "ssubscribe"):
+            channel.confirmed.set()
+
+    async def _unsubscribe_idle(self, now: float) -> None:
+        idle = [
+            name
+            for name, c in self._channels.items()
+            if c.readers == 0 and now - c.idle_since > IDLE_UNSUBSCRIBE_S
+        ]
+        if not idle or self._pubsub is None:
+            return
+        for name in idle:
+            del self._channels[name]
+        if self._sharded:
+            await self._pubsub.sunsubscribe(*idle)
+        else:
+            await self._pubsub.unsubscribe(*idle)

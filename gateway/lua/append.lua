@@ -1,0 +1,82 @@
+-- append: add one append (one or more messages) to a stream, optionally
+-- closing it, with closure, content-type, producer and Stream-Seq checks, all
+-- in one atomic step. A refused append changes nothing.
+--
+-- Input:
+--   KEYS[1..4] meta, data, producers, forks of the stream
+--   ARGV[1] media type of the request (lowercased, no parameters)
+--   ARGV[2] '1' to close the stream with this append, else ''
+--   ARGV[3] Stream-Seq, or ''
+--   ARGV[4] Producer-Id, or '' (then ARGV[5], ARGV[6] are ignored)
+--   ARGV[5] Producer-Epoch (decimal, <= 2^53-1)
+--   ARGV[6] Producer-Seq (decimal, <= 2^53-1)
+--   ARGV[7] publish command: 'PUBLISH' or 'SPUBLISH'
+--   ARGV[8] notification channel
+--   ARGV[9..] message groups (see add_groups): '1', count, messages...
+--
+-- Output: an array whose first element says what happened
+--   {'ok', tail, closed}                   appended (closed = '1' or '')
+--   {'dup', tail, last_seq, closed}        producer duplicate, nothing written
+--   {'closed_dup', tail, seq}              retry of the append that closed the stream
+--   {'closed', tail}                       stream is closed
+--   {'absent'} | {'expired', src} | {'gone'}
+--   {'ct_mismatch'} | {'stale', epoch} | {'epoch_seq'} | {'gap', expected}
+--   {'seq_conflict'}                       Stream-Seq not above the last one
+
+-- @include common
+
+local now = now_ms()
+local state, m = stream_state(now)
+if state ~= 'live' then
+  return {state, m and m.src or ''}
+end
+
+local pid, epoch, seq = ARGV[4], ARGV[5], ARGV[6]
+if m.closed then
+  if pid ~= '' and m.cby == pid .. '\n' .. epoch .. '\n' .. seq then
+    return {'closed_dup', m.tail, seq}
+  end
+  return {'closed', m.tail}
+end
+
+if m.mt ~= ARGV[1] then
+  return {'ct_mismatch'}
+end
+
+if pid ~= '' then
+  local verdict, detail = check_producer(pid, epoch, seq)
+  if verdict == 'dup' then
+    return {'dup', m.tail, detail, ''}
+  elseif verdict ~= 'accept' then
+    return {verdict, detail or ''}
+  end
+end
+
+local stream_seq = ARGV[3]
+if stream_seq ~= '' and m.sseq and bytes_le(stream_seq, m.sseq) then
+  return {'seq_conflict'}
+end
+
+local tail = add_groups(m, 9) or m.tail
+local fields = {'tail', tail}
+if stream_seq ~= '' then
+  table.insert(fields, 'sseq')
+  table.insert(fields, stream_seq)
+end
+local closed = ''
+if ARGV[2] == '1' then
+  closed = '1'
+  table.insert(fields, 'closed')
+  table.insert(fields, '1')
+  if pid ~= '' then
+    table.insert(fields, 'cby')
+    table.insert(fields, pid .. '\n' .. epoch .. '\n' .. seq)
+  end
+end
+redis.call('HSET', KEYS[1], unpack(fields))
+if pid ~= '' then
+  save_producer(pid, epoch, seq, now)
+end
+touch(m, now)
+redis.call(ARGV[7], ARGV[8], tail)
+return {'ok', tail, closed}

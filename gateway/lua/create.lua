@@ -1,0 +1,92 @@
+-- create: create a stream (PUT), or confirm that an identical one exists.
+-- Forks are created here too, after fork_acquire.lua has taken a reference on
+-- the source; the fork's own entries start above the fork offset.
+--
+-- Input:
+--   KEYS[1..4] meta, data, producers, forks of the new stream
+--   ARGV[1]  content type as sent (stored and echoed byte-exact)
+--   ARGV[2]  media type (lowercased, no parameters), compared on re-create
+--   ARGV[3]  '1' for JSON mode, else ''
+--   ARGV[4]  TTL seconds, or ''
+--   ARGV[5]  Expires-At as sent, or ''
+--   ARGV[6]  Expires-At in ms since the epoch, or ''
+--   ARGV[7]  '1' to create the stream closed, else ''
+--   ARGV[8]  fork source name, or ''
+--   ARGV[9]  fork offset as an entry ID ('ms-seq'), or ''
+--   ARGV[10] '1' when the fork offset was given explicitly (compared on re-create)
+--   ARGV[11] fork sub-offset as sent, or ''
+--   ARGV[12] random generation token for a new stream (part of its ETags)
+--   ARGV[13] 'check' to only compare with an existing stream, never create
+--   ARGV[14..] message groups (see add_groups): sub-offset prefix, initial body
+--
+-- Output:
+--   {'created', tail, closed, released_src}  new stream; released_src names the
+--                                            source of an expired stream it replaced
+--   {'exists', tail, closed, ct}             identical stream already there
+--   {'conflict', src}                        different stream there (src: its source)
+--   {'gone'}                                 path is soft-deleted (forks read through it)
+--   {'absent'}                               only with 'check'
+
+-- @include common
+
+local now = now_ms()
+local state, m = stream_state(now)
+local released = ''
+if state == 'gone' then
+  return {'gone'}
+elseif state == 'expired' then
+  released = m.src or ''
+elseif state == 'live' then
+  local function same(a, b)
+    return (a or '') == (b or '')
+  end
+  local sub_a = (m.fsub == '0') and '' or (m.fsub or '')
+  local sub_b = (ARGV[11] == '0') and '' or ARGV[11]
+  local matches = m.mt == ARGV[2]
+    and same(m.ttl, ARGV[4])
+    and same(m.exp_raw, ARGV[5])
+    and same(m.closed, ARGV[7])
+    and same(m.src, ARGV[8])
+    and (ARGV[10] ~= '1' or same(m.fofs, ARGV[9]))
+    and sub_a == sub_b
+  if matches then
+    return {'exists', m.tail, m.closed or '', m.ct}
+  end
+  return {'conflict', m.src or ''}
+end
+if ARGV[13] == 'check' then
+  return {'absent'}
+end
+
+local tail = '0-0'
+local fields = {
+  'ct', ARGV[1], 'mt', ARGV[2], 'gen', ARGV[12], 'atime', int_str(now), 'created', int_str(now),
+}
+local function put(k, v)
+  if v ~= '' then
+    table.insert(fields, k)
+    table.insert(fields, v)
+  end
+end
+put('json', ARGV[3])
+put('ttl', ARGV[4])
+put('exp_raw', ARGV[5])
+put('exp', ARGV[6])
+put('src', ARGV[8])
+put('fofs', ARGV[9])
+put('fsub', ARGV[11])
+if ARGV[9] ~= '' and ARGV[9] ~= '0-0' then
+  -- An empty stream whose last ID is the fork offset: XADD '*' then hands
+  -- out IDs above it. MAXLEN 0 drops the placeholder entry at once.
+  redis.call('XADD', KEYS[2], 'MAXLEN', '0', ARGV[9], 'fork', ARGV[8])
+  tail = ARGV[9]
+end
+
+local nm = {json = (ARGV[3] ~= '') or nil}
+tail = add_groups(nm, 14) or tail
+put('tail', tail)
+put('closed', ARGV[7])
+redis.call('HSET', KEYS[1], unpack(fields))
+local created = load_meta(KEYS[1])
+set_key_expiry(created)
+return {'created', tail, ARGV[7], released}

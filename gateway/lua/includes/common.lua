@@ -1,0 +1,181 @@
+-- Shared helpers, pasted in front of every script by gateway/scripts.py.
+--
+-- Every script takes the four keys of one stream, in this order:
+--   KEYS[1] meta (HASH)   KEYS[2] data (STREAM)   KEYS[3] producers (HASH)   KEYS[4] forks (SET)
+--
+-- Meta fields: ct (content type as sent), mt (media type: lowercased, no
+-- parameters), json ('1' for JSON mode), tail (last entry ID, '0-0' when
+-- empty), closed ('1'), cby (closing producer "id\nepoch\nseq"), sseq (last
+-- Stream-Seq), ttl (seconds), exp (Expires-At, ms), exp_raw (as sent), atime
+-- (last access, ms), gen (random token, changes when the path is recreated),
+-- deleted ('1' = soft-deleted, kept for forks), src/fofs/fsub (fork source,
+-- fork offset as entry ID, sub-offset as sent).
+
+-- Redis 6.2 needs effect replication before a script may write after TIME;
+-- on 7.x this is always on and the call is a no-op.
+redis.replicate_commands()
+
+-- Lua's tostring() switches to exponent form above 1e14 and our integers
+-- (producer epochs and seqs, timestamps) reach 2^53.
+local function int_str(n)
+  return string.format('%.0f', n)
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function load_meta(key)
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then
+    return nil
+  end
+  local m = {}
+  for i = 1, #flat, 2 do
+    m[flat[i]] = flat[i + 1]
+  end
+  return m
+end
+
+-- Byte-wise a <= b. Lua's own comparison follows the server's collation
+-- locale, which would put 'B' after 'a'.
+local function bytes_le(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then
+      return x < y
+    end
+  end
+  return #a <= #b
+end
+
+-- An entry ID as a fixed-width string, so IDs compare exactly beyond 2^53.
+local function id_key(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return string.rep('0', 20 - #ms) .. ms .. string.rep('0', 20 - #seq) .. seq
+end
+
+local function is_expired(m, now)
+  if m.ttl and now >= tonumber(m.atime) + tonumber(m.ttl) * 1000 then
+    return true
+  end
+  if m.exp and now >= tonumber(m.exp) then
+    return true
+  end
+  return false
+end
+
+-- Redis-level expiry is only garbage collection for streams nobody touches
+-- again (expiry itself is checked lazily on every access). A stream that
+-- forks read through is kept until its last fork goes.
+local GC_GRACE_MS = 60000
+local function set_key_expiry(m)
+  if not (m.ttl or m.exp) then
+    return
+  end
+  if redis.call('SCARD', KEYS[4]) > 0 then
+    return
+  end
+  local deadline
+  if m.ttl then
+    deadline = tonumber(m.atime) + tonumber(m.ttl) * 1000
+  end
+  if m.exp and (not deadline or tonumber(m.exp) < deadline) then
+    deadline = tonumber(m.exp)
+  end
+  for i = 1, 3 do
+    redis.call('PEXPIREAT', KEYS[i], int_str(deadline + GC_GRACE_MS))
+  end
+end
+
+-- A sliding TTL restarts on every read and write (never on HEAD).
+local function touch(m, now)
+  if m.ttl then
+    m.atime = int_str(now)
+    redis.call('HSET', KEYS[1], 'atime', m.atime)
+  end
+  set_key_expiry(m)
+end
+
+-- The stream's state: 'absent', 'expired' (just removed; m tells the caller
+-- which fork source to release), 'gone' (soft-deleted) or 'live', plus meta.
+local function stream_state(now)
+  local m = load_meta(KEYS[1])
+  if not m then
+    return 'absent', nil
+  end
+  if m.deleted then
+    return 'gone', m
+  end
+  if is_expired(m, now) then
+    if redis.call('SCARD', KEYS[4]) > 0 then
+      -- Forks still read through it: keep the data, refuse direct access.
+      redis.call('HSET', KEYS[1], 'deleted', '1')
+      return 'gone', m
+    end
+    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+    return 'expired', m
+  end
+  return 'live', m
+end
+
+-- Append message groups from ARGV starting at pos: a group count, then per
+-- group its message count and the messages. One group is one append: every
+-- message but the group's last carries 'more' = how many follow, so readers
+-- never cut an append in two. Returns the last entry ID (or nil).
+local function add_groups(m, pos)
+  local field = m.json and 'json' or 'data'
+  local groups = tonumber(ARGV[pos])
+  pos = pos + 1
+  local last = nil
+  for _ = 1, groups do
+    local count = tonumber(ARGV[pos])
+    pos = pos + 1
+    for i = 1, count do
+      if i < count then
+        last = redis.call('XADD', KEYS[2], '*', field, ARGV[pos], 'more', tostring(count - i))
+      else
+        last = redis.call('XADD', KEYS[2], '*', field, ARGV[pos])
+      end
+      pos = pos + 1
+    end
+  end
+  return last
+end
+
+-- Idempotent producer check (Kafka-style). Never writes.
+-- Returns 'accept' | 'dup', last_seq | 'stale', epoch | 'epoch_seq' | 'gap', expected.
+local function check_producer(pid, epoch_s, seq_s)
+  local epoch, seq = tonumber(epoch_s), tonumber(seq_s)
+  local state = redis.call('HGET', KEYS[3], pid)
+  if not state then
+    if seq ~= 0 then
+      return 'gap', '0'
+    end
+    return 'accept'
+  end
+  local e, s = string.match(state, '^(%d+) (%d+)')
+  local cur_epoch, cur_seq = tonumber(e), tonumber(s)
+  if epoch < cur_epoch then
+    return 'stale', e
+  end
+  if epoch > cur_epoch then
+    if seq ~= 0 then
+      return 'epoch_seq'
+    end
+    return 'accept'
+  end
+  if seq <= cur_seq then
+    return 'dup', s
+  end
+  if seq == cur_seq + 1 then
+    return 'accept'
+  end
+  return 'gap', int_str(cur_seq + 1)
+end
+
+local function save_producer(pid, epoch_s, seq_s, now)
+  redis.call('HSET', KEYS[3], pid, epoch_s .. ' ' .. seq_s .. ' ' .. int_str(now))
+end

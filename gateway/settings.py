@@ -1,0 +1,76 @@
+"""One settings object, read from environment variables (documented in README.md)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+def _str(name: str, default: str) -> str:
+    return os.environ.get(name, "").strip() or default
+
+
+def _list(name: str, default: list[str]) -> list[str]:
+    raw = os.environ.get(name, "").strip()
+    return [item.strip() for item in raw.split(",") if item.strip()] if raw else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the streams live. Empty: `dsgw dev` / `make run` start an embedded Redis.
+    redis_url: str = ""
+    # Connections per gateway process; waiting requests queue for one (never fail).
+    redis_max_connections: int = 64
+    # How long a request waits for a free Redis connection before a 503.
+    redis_pool_timeout_s: float = 10.0
+    # Long-poll wait before answering 204 (the conformance run uses 500).
+    long_poll_timeout_ms: int = 30_000
+    # An SSE connection is closed after this long; clients resume from their offset.
+    sse_max_lifetime_ms: int = 60_000
+    # SSE keep-alive: a control event after this long without data.
+    sse_keepalive_ms: int = 15_000
+    # A live reader re-reads the tail after this long even without a notification,
+    # so a lost notification delays a message, never loses it.
+    live_recheck_ms: int = 5_000
+    # Largest request body accepted (413 above it).
+    max_body_bytes: int = 8 * 1024 * 1024
+    # A catch-up response stops after the append that crosses this many bytes.
+    read_chunk_bytes: int = 1024 * 1024
+    # ... or after this many Redis entries.
+    read_chunk_entries: int = 1000
+    # Access-Control-Allow-Origin values; "*" allows any origin.
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    # Cross-Origin-Resource-Policy on every response.
+    cross_origin_resource_policy: str = "cross-origin"
+    # Log level for the one-line JSON logs.
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            redis_url=_str("REDIS_URL", ""),
+            redis_max_connections=_int("DSGW_REDIS_MAX_CONNECTIONS", cls.redis_max_connections),
+            redis_pool_timeout_s=float(
+                _str("DSGW_REDIS_POOL_TIMEOUT_S", str(cls.redis_pool_timeout_s))
+            ),
+            long_poll_timeout_ms=_int("DSGW_LONG_POLL_TIMEOUT_MS", cls.long_poll_timeout_ms),
+            sse_max_lifetime_ms=_int("DSGW_SSE_MAX_LIFETIME_MS", cls.sse_max_lifetime_ms),
+            sse_keepalive_ms=_int("DSGW_SSE_KEEPALIVE_MS", cls.sse_keepalive_ms),
+            live_recheck_ms=_int("DSGW_LIVE_RECHECK_MS", cls.live_recheck_ms),
+            max_body_bytes=_int("DSGW_MAX_BODY_BYTES", cls.max_body_bytes),
+            read_chunk_bytes=_int("DSGW_READ_CHUNK_BYTES", cls.read_chunk_bytes),
+            read_chunk_entries=_int("DSGW_READ_CHUNK_ENTRIES", cls.read_chunk_entries),
+            cors_origins=_list("DSGW_CORS_ORIGINS", ["*"]),
+            cross_origin_resource_policy=_str(
+                "DSGW_CROSS_ORIGIN_RESOURCE_POLICY", cls.cross_origin_resource_policy
+            ),
+            log_level=_str("DSGW_LOG_LEVEL", cls.log_level).upper(),
+        )
+
+    def describe(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,463 @@
+"""The storage layer: typed wrappers around the Lua scripts, and reads that
+stitch a fork's inherited data to its own. Knows the protocol's refusals
+(ProblemError), not HTTP."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from .keys import StreamKeys, stream_keys
+from .offsets import ZERO_ID, EntryId, entry_id_str, format_offset, parse_entry_id
+from .protocol import ProblemError, bad_request, is_json
+from .scripts import Scripts
+
+
+@dataclass(slots=True)
+class Entry:
+    """One Redis Stream entry: one message (JSON mode) or one append (bytes)."""
+
+    id: EntryId
+    payload: bytes
+    more: int  # messages of the same append that follow this one
+
+
+@dataclass(slots=True)
+class StreamMeta:
+    content_type: str
+    media_type: str
+    json: bool
+    tail: EntryId
+    closed: bool
+    gen: str
+    ttl: int | None = None
+    expires_at: str | None = None
+    expires_ms: int | None = None
+    source: str | None = None
+    fork_offset: EntryId | None = None
+
+    @property
+    def tail_offset(self) -> str:
+        return format_offset(self.tail)
+
+
+@dataclass(slots=True)
+class ReadResult:
+    meta: StreamMeta
+    entries: list[Entry]
+    next_id: EntryId
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.next_id >= self.meta.tail
+
+    @property
+    def closed_at_end(self) -> bool:
+        """The stream is closed and this read reached its final offset."""
+        return self.meta.closed and self.up_to_date
+
+    @property
+    def next_offset(self) -> str:
+        return format_offset(self.next_id)
+
+
+@dataclass(slots=True)
+class WriteOutcome:
+    """What an append or close did; `status` is the script's first reply word."""
+
+    status: str
+    tail: EntryId = ZERO_ID
+    closed: bool = False
+    producer_seq: int | None = None
+    detail: str = ""
+
+    @property
+    def tail_offset(self) -> str:
+        return format_offset(self.tail)
+
+
+@dataclass(slots=True)
+class CreateOutcome:
+    created: bool
+    tail: EntryId
+    closed: bool
+    content_type: str
+
+
+@dataclass(slots=True)
+class ForkRequest:
+    source: str
+    offset: EntryId | None  # None: the source's tail
+    sub_offset: int
+
+
+Messages = list[bytes] | list[str]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def parse_meta(flat: list[Any]) -> StreamMeta:
+    m = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+    fofs, ttl, exp = m.get("fofs"), m.get("ttl"), m.get("exp")
+    return StreamMeta(
+        content_type=m.get("ct", ""),
+        media_type=m.get("mt", ""),
+        json=m.get("json") == "1",
+        tail=parse_entry_id(m.get("tail", "0-0")),
+        closed=m.get("closed") == "1",
+        gen=m.get("gen", ""),
+        ttl=int(ttl) if ttl else None,
+        expires_at=m.get("exp_raw"),
+        expires_ms=int(exp) if exp else None,
+        source=m.get("src"),
+        fork_offset=parse_entry_id(fofs) if fofs else None,
+    )
+
+
+def parse_entries(raw: list[Any], cap: EntryId | None = None) -> list[Entry]:
+    """Entries from an XRANGE reply (raw from Lua, or redis-py's parsed form).
+
+    With `cap` (the fork offset a fork reads an ancestor up to), the entry at
+    the cap ends its append as far as that fork can see."""
+    entries = []
+    for item in raw:
+        entry_id, fields = item[0], item[1]
+        if isinstance(fields, dict):
+            flat: list[Any] = [x for kv in fields.items() for x in kv]
+        else:
+            flat = fields
+        payload, more = b"", 0
+        for i in range(0, len(flat), 2):
+            field = flat[i]
+            if field in (b"json", b"data"):
+                payload = flat[i + 1]
+            elif field == b"more":
+                more = int(flat[i + 1])
+        eid = parse_entry_id(entry_id)
+        if cap is not None and eid >= cap:
+            more = 0
+        entries.append(Entry(eid, payload, more))
+    return entries
+
+
+def _groups_args(groups: list[Messages]) -> list[Any]:
+    args: list[Any] = [len(groups)]
+    for group in groups:
+        args.append(len(group))
+        args.extend(group)
+    return args
+
+
+class Store:
+    """All stream operations of one gateway process."""
+
+    def __init__(self, redis: Redis, publish_command: str = "PUBLISH") -> None:
+        self.redis = redis
+        self.scripts = Scripts(redis)
+        self.publish_command = publish_command
+
+    # --- writes ---------------------------------------------------------------
+
+    async def create(
+        self,
+        name: str,
+        *,
+        content_type: str,
+        media_type: str,
+        ttl: int | None,
+        expires_at: tuple[str, int] | None,
+        closed: bool,
+        body: Messages | None,
+        fork: ForkRequest | None = None,
+    ) -> CreateOutcome:
+        keys = stream_keys(name)
+        groups: list[Messages] = []
+        fork_args = ["", "", "", ""]
+        if fork is not None:
+            source_meta, fork_id = await self._acquire_fork(name, keys, fork, media_type)
+            try:
+                content_type = content_type or source_meta.content_type
+                media_type = source_meta.media_type
+                if ttl is None and expires_at is None:
+                    # A fork without its own expiry inherits the source's.
+                    ttl = source_meta.ttl
+                    if ttl is None and source_meta.expires_at and source_meta.expires_ms:
+                        expires_at = (source_meta.expires_at, source_meta.expires_ms)
+                if fork.sub_offset:
+                    groups.append(
+                        await self._sub_offset_prefix(fork.source, fork_id, fork.sub_offset)
+                    )
+            except BaseException:
+                await self._release_unowned(name, fork.source)
+                raise
+            fork_args = [
+                fork.source,
+                entry_id_str(fork_id),
+                "1" if fork.offset is not None else "",
+                str(fork.sub_offset) if fork.sub_offset else "",
+            ]
+        if body:
+            groups.append(body)
+        args = [
+            content_type,
+            media_type,
+            "1" if is_json(media_type) else "",
+            "" if ttl is None else str(ttl),
+            expires_at[0] if expires_at else "",
+            str(expires_at[1]) if expires_at else "",
+            "1" if closed else "",
+            *fork_args,
+            secrets.token_hex(6),
+            "",
+            *_groups_args(groups),
+        ]
+        reply = await self.scripts.call("create", keys.all, args)
+        status = _text(reply[0])
+        if status == "created":
+            if reply[3]:
+                await self.release_fork(_text(reply[3]), name)
+            return CreateOutcome(True, parse_entry_id(reply[1]), reply[2] == b"1", content_type)
+        if fork is not None and status != "exists":
+            await self._release_unowned(name, fork.source)
+        if status == "exists":
+            return CreateOutcome(
+                False, parse_entry_id(reply[1]), reply[2] == b"1", _text(reply[3])
+            )
+        if status == "gone":
+            raise ProblemError(409, "Stream was deleted", "forks still read through this path")
+        raise ProblemError(409, "Stream exists with a different configuration")
+
+    async def media_type_of(self, name: str) -> str:
+        media = await self.redis.hget(stream_keys(name).meta, "mt")
+        if media is None:
+            raise ProblemError(404, "Fork source not found", name)
+        return _text(media)
+
+    async def _acquire_fork(
+        self, name: str, keys: StreamKeys, fork: ForkRequest, media_type: str
+    ) -> tuple[StreamMeta, EntryId]:
+        source = stream_keys(fork.source)
+        offset = entry_id_str(fork.offset) if fork.offset is not None else ""
+        reply = await self.scripts.call("fork_acquire", source.all, [name, media_type, offset])
+        status = _text(reply[0])
+        if status == "ok":
+            return parse_meta(reply[2]), parse_entry_id(reply[1])
+        if status == "expired" and reply[1]:
+            await self.release_fork(_text(reply[1]), fork.source)
+        if status in ("absent", "expired"):
+            raise ProblemError(404, "Fork source not found", fork.source)
+        if status == "gone":
+            raise ProblemError(409, "Fork source was deleted", fork.source)
+        if status == "ct_mismatch":
+            raise ProblemError(409, "Content-Type differs from the fork source")
+        raise bad_request("Invalid Stream-Fork-Offset", "beyond the source's tail")
+
+    async def _sub_offset_prefix(self, source: str, fork_id: EntryId, sub: int) -> Messages:
+        """The first `sub` bytes (or messages, in JSON mode) of the source's
+        next append after the fork offset: the fork's first own append."""
+        meta_reply = await self.redis.hgetall(stream_keys(source).meta)
+        meta = parse_meta([x for kv in meta_reply.items() for x in kv])
+        # sub + 1 entries show whether the next append has more than sub messages.
+        entries = await self._read_view(source, meta, fork_id, None, sub + 1 if meta.json else 1)
+        if not entries:
+            raise bad_request("Invalid Stream-Fork-Sub-Offset", "no data after the fork offset")
+        if meta.json:
+            group: list[Entry] = []
+            for entry in entries:
+                group.append(entry)
+                if entry.more == 0:
+                    break
+            if group[-1].more == 0 and sub > len(group):
+                raise bad_request("Invalid Stream-Fork-Sub-Offset", "beyond the next append")
+            return [e.payload for e in group[:sub]]
+        data = entries[0].payload
+        if sub > len(data):
+            raise bad_request("Invalid Stream-Fork-Sub-Offset", "beyond the next append")
+        return [data[:sub]]
+
+    async def _release_unowned(self, name: str, source: str) -> None:
+        """Undo fork_acquire unless `name` already is a live fork of `source`."""
+        current = await self.redis.hget(stream_keys(name).meta, "src")
+        if current is None or _text(current) != source:
+            await self.release_fork(source, name)
+
+    async def release_fork(self, source: str | None, fork: str) -> None:
+        """Drop `fork`'s reference on `source`, cascading up a chain of deleted sources."""
+        while source:
+            reply = await self.scripts.call("fork_release", stream_keys(source).all, [fork])
+            if _text(reply[0]) != "deleted":
+                return
+            fork, source = source, _text(reply[1])
+
+    async def append(
+        self,
+        name: str,
+        media_type: str,
+        messages: Messages,
+        *,
+        close: bool = False,
+        stream_seq: str | None = None,
+        producer: tuple[str, int, int] | None = None,
+    ) -> WriteOutcome:
+        keys = stream_keys(name)
+        pid, epoch, seq = producer or ("", 0, 0)
+        args = [
+            media_type,
+            "1" if close else "",
+            stream_seq or "",
+            pid,
+            epoch,
+            seq,
+            self.publish_command,
+            keys.channel,
+            1,
+            len(messages),
+            *messages,
+        ]
+        reply = await self.scripts.call("append", keys.all, args)
+        return await self._outcome(name, reply)
+
+    async def close(self, name: str, producer: tuple[str, int, int] | None) -> WriteOutcome:
+        keys = stream_keys(name)
+        pid, epoch, seq = producer or ("", 0, 0)
+        args = [pid, epoch, seq, self.publish_command, keys.channel]
+        reply = await self.scripts.call("close", keys.all, args)
+        return await self._outcome(name, reply)
+
+    async def _outcome(self, name: str, reply: list[Any]) -> WriteOutcome:
+        status = _text(reply[0])
+        if status == "ok":
+            return WriteOutcome(status, parse_entry_id(reply[1]), len(reply) > 2 and reply[2] == b"1")
+        if status == "dup":
+            return WriteOutcome(status, parse_entry_id(reply[1]), False, int(reply[2]))
+        if status == "closed_dup":
+            return WriteOutcome(status, parse_entry_id(reply[1]), True, int(reply[2]))
+        if status == "closed":
+            return WriteOutcome(status, parse_entry_id(reply[1]), True)
+        await self._raise_missing(name, status, reply)
+        return WriteOutcome(status, detail=_text(reply[1]) if len(reply) > 1 else "")
+
+    async def _raise_missing(self, name: str, status: str, reply: list[Any]) -> None:
+        if status == "expired" and len(reply) > 1 and reply[1]:
+            await self.release_fork(_text(reply[1]), name)
+        if status in ("absent", "expired"):
+            raise ProblemError(404, "Stream not found")
+        if status == "gone":
+            raise ProblemError(410, "Stream was deleted")
+
+    async def delete(self, name: str) -> None:
+        keys = stream_keys(name)
+        reply = await self.scripts.call(
+            "delete", keys.all, [self.publish_command, keys.channel]
+        )
+        status = _text(reply[0])
+        if status == "deleted":
+            if reply[1]:
+                await self.release_fork(_text(reply[1]), name)
+            return
+        if status == "soft":
+            return
+        await self._raise_missing(name, status, reply)
+
+    # --- reads ------------------------------------------------------------------
+
+    async def read(
+        self,
+        name: str,
+        after: EntryId | None,
+        *,
+        touch: bool,
+        max_bytes: int,
+        max_entries: int,
+    ) -> ReadResult:
+        """The stream's metadata and, unless `after` is None, its data after that
+        offset: whole appends only, stopping after the append that crosses
+        `max_bytes`. 404/410 for missing or deleted streams."""
+        keys = stream_keys(name)
+        args = ["" if after is None else entry_id_str(after), max_entries, "1" if touch else ""]
+        reply = await self.scripts.call("read", keys.all, args)
+        status = _text(reply[0])
+        if status != "live":
+            await self._raise_missing(name, status, reply)
+        meta = parse_meta(reply[1])
+        if after is None:
+            return ReadResult(meta, [], meta.tail)
+        entries = parse_entries(reply[2])
+        if meta.source and meta.fork_offset and after < meta.fork_offset:
+            inherited = await self._read_inherited(
+                meta.source, after, meta.fork_offset, max_entries
+            )
+            entries = inherited + entries if len(inherited) < max_entries else inherited
+        entries = await self._whole_appends(name, meta, entries, max_bytes)
+        # Past the tail (or nothing new) the next offset is the tail itself.
+        next_id = entries[-1].id if entries else meta.tail
+        return ReadResult(meta, entries, next_id)
+
+    async def _whole_appends(
+        self, name: str, meta: StreamMeta, entries: list[Entry], max_bytes: int
+    ) -> list[Entry]:
+        size = 0
+        for i, entry in enumerate(entries):
+            size += len(entry.payload)
+            if entry.more == 0 and size >= max_bytes:
+                entries = entries[: i + 1]
+                break
+        if entries and entries[-1].more:
+            # The entry limit cut an append: fetch the rest of it.
+            rest = await self._read_view(name, meta, entries[-1].id, None, entries[-1].more)
+            entries += rest[: entries[-1].more]
+        return entries
+
+    async def _read_view(
+        self, name: str, meta: StreamMeta, after: EntryId, cap: EntryId | None, limit: int
+    ) -> list[Entry]:
+        """Entries after `after` as the stream `name` sees them (inherited
+        first), without any state checks: for fork bookkeeping."""
+        entries: list[Entry] = []
+        if meta.source and meta.fork_offset and after < meta.fork_offset:
+            upper = meta.fork_offset if cap is None else min(cap, meta.fork_offset)
+            entries = await self._read_inherited(meta.source, after, upper, limit)
+        if len(entries) < limit:
+            start = max(after, meta.fork_offset or ZERO_ID)
+            raw = await self.redis.xrange(
+                stream_keys(name).data,
+                f"({entry_id_str(start)}",
+                entry_id_str(cap) if cap else "+",
+                count=limit - len(entries),
+            )
+            entries += parse_entries(raw, cap)
+        return entries
+
+    async def _read_inherited(
+        self, source: str, after: EntryId, cap: EntryId, limit: int
+    ) -> list[Entry]:
+        """Entries in (after, cap] along a fork's source chain, oldest first."""
+        segments: list[tuple[str, EntryId, EntryId]] = []
+        current: str | None = source
+        upper = cap
+        while current:
+            raw = await self.redis.hmget(stream_keys(current).meta, ["src", "fofs"])
+            src, fofs = raw[0], raw[1]
+            lower = parse_entry_id(fofs) if src and fofs else ZERO_ID
+            if upper > lower and upper > after:
+                segments.append((stream_keys(current).data, max(after, lower), upper))
+            if not src or after >= lower:
+                break
+            current, upper = _text(src), min(upper, lower)
+        entries: list[Entry] = []
+        for data_key, start, end in reversed(segments):
+            if len(entries) >= limit:
+                break
+            raw_entries = await self.redis.xrange(
+                data_key,
+                f"({entry_id_str(start)}",
+                entry_id_str(end),
+                count=limit - len(entries),
+            )
+            entries += parse_entries(raw_entries, end)
+        return entries
