@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
 log = logging.getLogger("dsgw.live")
 
@@ -54,9 +55,7 @@ class Watch:
         channel = self._channel
         if channel.version == self._seen:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    channel.changed.wait(), min(timeout_s, self._recheck_s)
-                )
+                await asyncio.wait_for(channel.changed.wait(), min(timeout_s, self._recheck_s))
         changed = channel.version != self._seen
         self._seen = channel.version
         return changed
@@ -68,7 +67,7 @@ class LiveHub:
         self._recheck_s = recheck_s
         self._sharded = sharded
         self._channels: dict[str, _Channel] = {}
-        self._pubsub = None
+        self._pubsub: PubSub | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = False
         self.notifications = 0
@@ -147,12 +146,12 @@ class LiveHub:
                 backoff = min(backoff * 2, 5.0)
 
     async def _connect(self) -> None:
-        self._pubsub = self._redis.pubsub()
+        self._pubsub = pubsub = self._redis.pubsub()
         for channel in self._channels.values():
             channel.confirmed.clear()
         # A placeholder subscription keeps the connection in pub/sub mode (and
         # its liveness visible) even when no stream has readers.
-        await self._pubsub.subscribe("ds:__hub__")
+        await pubsub.subscribe("ds:__hub__")
         await self._subscribe(*self._channels)
         self._ready = True
         # Whatever was published while we were away: every reader re-reads.

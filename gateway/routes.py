@@ -4,8 +4,6 @@ and validation machinery."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
@@ -33,7 +31,7 @@ from .protocol import (
     split_json_messages,
     sse_needs_base64,
 )
-from .store import ForkRequest, ReadResult, StreamMeta, WriteOutcome
+from .store import ForkRequest, ReadResult, WriteOutcome
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -88,7 +86,9 @@ class StreamRoutes:
                 await self.gw.store.delete(name)
                 response = Response(status_code=204)
             else:
-                response = problem(405, "Method not allowed", headers={"allow": "GET, HEAD, PUT, POST, DELETE, OPTIONS"})
+                response = problem(
+                    405, "Method not allowed", headers={"allow": "GET, HEAD, PUT, POST, DELETE, OPTIONS"}
+                )
         except ProblemError as exc:
             response = problem(exc.status, exc.title, exc.detail, exc.headers)
         metrics.RESPONSES.labels(method, str(response.status_code)).inc()
@@ -129,7 +129,9 @@ class StreamRoutes:
         if ttl is not None and expires_at is not None:
             raise bad_request("Stream-TTL and Stream-Expires-At are exclusive")
         closed = parse_stream_closed(h.get("stream-closed"))
-        fork = self._fork_request(h.get("stream-forked-from"), h.get("stream-fork-offset"), h.get("stream-fork-sub-offset"))
+        fork = self._fork_request(
+            h.get("stream-forked-from"), h.get("stream-fork-offset"), h.get("stream-fork-sub-offset")
+        )
         body = await self._body(request)
 
         store = self.gw.store
@@ -141,7 +143,7 @@ class StreamRoutes:
         else:
             # The fork inherits the source's content type; its body follows that mode.
             media = await store.media_type_of(fork.source) if body else ""
-        messages = None
+        messages: list[bytes] | list[str] | None = None
         if body:
             if is_json(media):
                 messages = split_json_messages(body, allow_empty=True)
@@ -168,7 +170,9 @@ class StreamRoutes:
             return Response(status_code=201, headers=headers)
         return Response(status_code=200, headers=headers)
 
-    def _fork_request(self, forked_from: str | None, offset: str | None, sub: str | None) -> ForkRequest | None:
+    def _fork_request(
+        self, forked_from: str | None, offset: str | None, sub: str | None
+    ) -> ForkRequest | None:
         sub_offset = parse_sub_offset(sub)
         if forked_from is None:
             if sub_offset is not None:
@@ -179,7 +183,7 @@ class StreamRoutes:
         path = urlsplit(forked_from.strip()).path
         if not path.startswith(STREAM_PREFIX) or len(path) == len(STREAM_PREFIX):
             raise bad_request("Invalid Stream-Forked-From", f"expected a path under {STREAM_PREFIX}")
-        source = self._stream_name(unquote(path[len(STREAM_PREFIX):]))
+        source = self._stream_name(unquote(path[len(STREAM_PREFIX) :]))
         fork_offset: EntryId | None = None
         if offset is not None:
             try:
@@ -453,9 +457,13 @@ class StreamRoutes:
                     if result.entries or result is first or closed:
                         # Data and its control go out as one write: a reader that
                         # stops at the first complete event still sees both.
-                        chunk = sse.data_event(
-                            [e.payload for e in result.entries], json_mode=result.meta.json, binary=binary
-                        ) if result.entries else b""
+                        chunk = (
+                            sse.data_event(
+                                [e.payload for e in result.entries], json_mode=result.meta.json, binary=binary
+                            )
+                            if result.entries
+                            else b""
+                        )
                         yield chunk + sse.control_event(
                             result.next_offset, cursor=cursor, up_to_date=result.up_to_date, closed=closed
                         )

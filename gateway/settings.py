@@ -55,9 +55,7 @@ class Settings:
         return cls(
             redis_url=_str("REDIS_URL", ""),
             redis_max_connections=_int("DSGW_REDIS_MAX_CONNECTIONS", cls.redis_max_connections),
-            redis_pool_timeout_s=float(
-                _str("DSGW_REDIS_POOL_TIMEOUT_S", str(cls.redis_pool_timeout_s))
-            ),
+            redis_pool_timeout_s=float(_str("DSGW_REDIS_POOL_TIMEOUT_S", str(cls.redis_pool_timeout_s))),
             long_poll_timeout_ms=_int("DSGW_LONG_POLL_TIMEOUT_MS", cls.long_poll_timeout_ms),
             sse_max_lifetime_ms=_int("DSGW_SSE_MAX_LIFETIME_MS", cls.sse_max_lifetime_ms),
             sse_keepalive_ms=_int("DSGW_SSE_KEEPALIVE_MS", cls.sse_keepalive_ms),

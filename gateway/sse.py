@@ -29,9 +29,7 @@ def data_event(payloads: list[bytes], *, json_mode: bool, binary: bool) -> bytes
     return frame("data", body)
 
 
-def control_event(
-    next_offset: str, *, cursor: str | None, up_to_date: bool, closed: bool
-) -> bytes:
+def control_event(next_offset: str, *, cursor: str | None, up_to_date: bool, closed: bool) -> bytes:
     control: dict[str, object] = {"streamNextOffset": next_offset}
     if closed:
         control["streamClosed"] = True

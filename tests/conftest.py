@@ -1,0 +1,102 @@
+"""Shared fixtures: a real redis-server and real gateway processes (uvicorn over
+HTTP), all started and stopped by the test session itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.embedded import RedisProcess, free_port, start_redis, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class GatewayProcess:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stream_url(self, name: str) -> str:
+        return f"{self.url}/v1/stream/{name}"
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_gateway(redis_url: str, log_dir: Path, **env: str) -> GatewayProcess:
+    port = free_port()
+    log_path = log_dir / f"gateway-{port}.log"
+    full_env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "DSGW_LONG_POLL_TIMEOUT_MS": "500",
+        **env,
+    }
+    log = open(log_path, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    wait_for_port(port, proc=proc)
+    return GatewayProcess(proc, port, log_path)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    server = start_redis(tmp_path_factory.mktemp("redis"), persistent=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    gw = start_gateway(redis_server.url, tmp_path_factory.mktemp("gw"))
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_b(
+    redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """A second, independent gateway process on the same Redis."""
+    gw = start_gateway(redis_server.url, tmp_path_factory.mktemp("gwb"))
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def unique(request: pytest.FixtureRequest) -> str:
+    """A stream name no other test uses."""
+    import uuid
+
+    return f"{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
