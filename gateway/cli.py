@@ -46,7 +46,9 @@ def serve(
 def dev(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(4437, help="Port to listen on."),
-    data_dir: Path = typer.Option(Path("data"), envvar="DSGW_DATA_DIR", help="Where embedded servers keep data."),
+    data_dir: Path = typer.Option(
+        Path("data"), envvar="DSGW_DATA_DIR", help="Where embedded servers keep data."
+    ),
 ) -> None:
     """Run everything on one machine: the gateway, plus an embedded Redis (AOF on,
     data in DATA_DIR/redis) when REDIS_URL is not set. Ctrl-C stops it all."""
