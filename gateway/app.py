@@ -59,7 +59,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.redis = connect_redis(settings)
-        self.store = Store(self.redis)
+        self.store = Store(self.redis, sink_filter=settings.sink_filter)
         self.hub = LiveHub(self.redis, recheck_s=settings.live_recheck_ms / 1000)
 
     async def start(self) -> None:

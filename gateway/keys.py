@@ -1,32 +1,46 @@
 """Every Redis key and channel name the gateway uses, built in one place.
 
-All keys of one DS stream share the hash tag ``{<name>}``, so they live in one
-Redis Cluster slot and every Lua script touches a single slot. Inside the tag the
-characters ``{``, ``}`` and ``%`` are percent-encoded: a name such as ``}x`` would
-otherwise end the tag early (or leave it empty) and scatter a stream's keys over
-several slots.
+Streams are spread over a fixed number of *shards* (DSGW_SHARDS, default 16,
+chosen once per deployment). The shard is the hash tag of every key of the
+stream, and of the shard's sync feed, so that one Lua script can append to a
+stream *and* record the append in the feed atomically, even on Redis Cluster
+(where a script may only touch keys of one slot). Shards spread over the
+cluster's nodes like any other slots.
 
-Layout for the stream ``chat/room-1``::
+Layout for the stream ``chat/room-1`` in shard 7::
 
-    ds:{chat/room-1}:meta    HASH    configuration and state (content type, tail, closed, ...)
-    ds:{chat/room-1}:data    STREAM  the messages; entry ID <-> DS offset (see offsets.py)
-    ds:{chat/room-1}:prod    HASH    idempotent producers: id -> "epoch seq"
-    ds:{chat/room-1}:forks   SET     names of the forks that still read through this stream
-    ds:{chat/room-1}:notify  channel published by every write, for live readers
+    ds:{s07}:chat/room-1:meta    HASH    configuration and state (content type, tail, closed, ...)
+    ds:{s07}:chat/room-1:data    STREAM  the messages; entry ID <-> DS offset (see offsets.py)
+    ds:{s07}:chat/room-1:prod    HASH    idempotent producers: id -> "epoch seq updated_ms"
+    ds:{s07}:chat/room-1:forks   SET     names of the forks that still read through this stream
+    ds:{s07}:chat/room-1:notify  channel published by every write, for live readers
+    dsfeed:{s07}                 STREAM  sync feed of shard 7: one entry per append to a synced stream
+
+The shard of a name is crc32(name) mod DSGW_SHARDS; `dsgw info NAME` prints the keys.
 """
 
 from __future__ import annotations
 
+import os
+import zlib
 from dataclasses import dataclass
 
 PREFIX = "ds"
+FEED_PREFIX = "dsfeed"
+# Changing the shard count moves every stream to other keys: set it once.
+SHARDS = int(os.environ.get("DSGW_SHARDS", "16"))
 
 
-def tag(name: str) -> str:
-    """The cluster hash tag body for a stream name (percent-encodes braces)."""
-    if "{" in name or "}" in name or "%" in name:
-        name = name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
-    return name
+def shard_of(name: str, shards: int = SHARDS) -> int:
+    return zlib.crc32(name.encode()) % shards
+
+
+def shard_tag(shard: int) -> str:
+    return f"{{s{shard:02d}}}"
+
+
+def feed_key(shard: int) -> str:
+    return f"{FEED_PREFIX}:{shard_tag(shard)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,37 +48,46 @@ class StreamKeys:
     """The keys of one DS stream, in the order every Lua script takes them."""
 
     name: str
+    shard: int
     meta: str
     data: str
     producers: str
     forks: str
+    feed: str
     channel: str
 
     @property
-    def all(self) -> list[str]:
-        """KEYS for the scripts: meta, data, producers, forks."""
+    def own(self) -> list[str]:
+        """The keys that belong to this stream alone (deleted with it)."""
         return [self.meta, self.data, self.producers, self.forks]
+
+    @property
+    def all(self) -> list[str]:
+        """KEYS for the scripts: meta, data, producers, forks, feed (one slot)."""
+        return [self.meta, self.data, self.producers, self.forks, self.feed]
 
 
 def stream_keys(name: str) -> StreamKeys:
-    base = f"{PREFIX}:{{{tag(name)}}}"
+    shard = shard_of(name)
+    base = f"{PREFIX}:{shard_tag(shard)}:{name}"
     return StreamKeys(
         name=name,
+        shard=shard,
         meta=f"{base}:meta",
         data=f"{base}:data",
         producers=f"{base}:prod",
         forks=f"{base}:forks",
+        feed=feed_key(shard),
         channel=f"{base}:notify",
     )
 
 
 def name_from_meta_key(key: str) -> str | None:
     """Inverse of ``stream_keys(name).meta``, for SCAN-based listings."""
-    head, tail = f"{PREFIX}:{{", "}:meta"
-    if not (key.startswith(head) and key.endswith(tail)):
+    if not (key.startswith(f"{PREFIX}:{{s") and key.endswith(":meta")):
         return None
-    body = key[len(head) : -len(tail)]
-    return body.replace("%7D", "}").replace("%7B", "{").replace("%25", "%")
+    head, sep, rest = key.partition("}:")
+    return rest[: -len(":meta")] if sep else None
 
 
-META_SCAN_PATTERN = f"{PREFIX}:{{*}}:meta"
+META_SCAN_PATTERN = f"{PREFIX}:{{s*}}:*:meta"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from dataclasses import dataclass, field, fields
 
@@ -49,6 +50,12 @@ class Settings:
     cross_origin_resource_policy: str = "cross-origin"
     # Log level for the one-line JSON logs.
     log_level: str = "INFO"
+    # JSON streams whose messages the Postgres sink receives: comma-separated
+    # globs on the stream name, decided when a stream is created; "-" for none.
+    sink_streams: list[str] = field(default_factory=lambda: ["*"])
+
+    def sink_filter(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.sink_streams)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -68,6 +75,7 @@ class Settings:
                 "DSGW_CROSS_ORIGIN_RESOURCE_POLICY", cls.cross_origin_resource_policy
             ),
             log_level=_str("DSGW_LOG_LEVEL", cls.log_level).upper(),
+            sink_streams=[p for p in _list("DSGW_SINK_STREAMS", ["*"]) if p != "-"],
         )
 
     def describe(self) -> dict[str, object]:

@@ -5,6 +5,7 @@ stitch a fork's inherited data to its own. Knows the protocol's refusals
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,10 +157,17 @@ def _groups_args(groups: list[Messages]) -> list[Any]:
 class Store:
     """All stream operations of one gateway process."""
 
-    def __init__(self, redis: Redis, publish_command: str = "PUBLISH") -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        publish_command: str = "PUBLISH",
+        sink_filter: Callable[[str], bool] = lambda name: True,
+    ) -> None:
         self.redis = redis
         self.scripts = Scripts(redis)
         self.publish_command = publish_command
+        # Which JSON streams the Postgres sink receives, decided once at creation.
+        self.sink_filter = sink_filter
 
     # --- writes ---------------------------------------------------------------
 
@@ -212,6 +220,8 @@ class Store:
             *fork_args,
             secrets.token_hex(6),
             "",
+            name,
+            "1" if is_json(media_type) and self.sink_filter(name) else "",
             *_groups_args(groups),
         ]
         reply = await self.scripts.call("create", keys.all, args)

@@ -3,7 +3,7 @@
 -- the source; the fork's own entries start above the fork offset.
 --
 -- Input:
---   KEYS[1..4] meta, data, producers, forks of the new stream
+--   KEYS[1..5] meta, data, producers, forks of the new stream, and its shard's sync feed
 --   ARGV[1]  content type as sent (stored and echoed byte-exact)
 --   ARGV[2]  media type (lowercased, no parameters), compared on re-create
 --   ARGV[3]  '1' for JSON mode, else ''
@@ -17,7 +17,9 @@
 --   ARGV[11] fork sub-offset as sent, or ''
 --   ARGV[12] random generation token for a new stream (part of its ETags)
 --   ARGV[13] 'check' to only compare with an existing stream, never create
---   ARGV[14..] message groups (see add_groups): sub-offset prefix, initial body
+--   ARGV[14] the stream's name
+--   ARGV[15] '1' to record its appends in the sync feed (Postgres sink), else ''
+--   ARGV[16..] message groups (see add_groups): sub-offset prefix, initial body
 --
 -- Output:
 --   {'created', tail, closed, released_src}  new stream; released_src names the
@@ -60,7 +62,8 @@ end
 
 local tail = '0-0'
 local fields = {
-  'ct', ARGV[1], 'mt', ARGV[2], 'gen', ARGV[12], 'atime', int_str(now), 'created', int_str(now),
+  'name', ARGV[14], 'ct', ARGV[1], 'mt', ARGV[2], 'gen', ARGV[12],
+  'atime', int_str(now), 'created', int_str(now),
 }
 local function put(k, v)
   if v ~= '' then
@@ -69,6 +72,7 @@ local function put(k, v)
   end
 end
 put('json', ARGV[3])
+put('sink', ARGV[15])
 put('ttl', ARGV[4])
 put('exp_raw', ARGV[5])
 put('exp', ARGV[6])
@@ -82,8 +86,8 @@ if ARGV[9] ~= '' and ARGV[9] ~= '0-0' then
   tail = ARGV[9]
 end
 
-local nm = {json = (ARGV[3] ~= '') or nil}
-tail = add_groups(nm, 14) or tail
+local nm = {json = (ARGV[3] ~= '') or nil, sink = (ARGV[15] ~= '') or nil, name = ARGV[14]}
+tail = add_groups(nm, 16) or tail
 put('tail', tail)
 put('closed', ARGV[7])
 redis.call('HSET', KEYS[1], unpack(fields))

@@ -3,7 +3,7 @@
 -- last fork (fork_release.lua).
 --
 -- Input:
---   KEYS[1..4] meta, data, producers, forks of the stream
+--   KEYS[1..5] meta, data, producers, forks of the stream, and its shard's sync feed
 --   ARGV[1] publish command: 'PUBLISH' or 'SPUBLISH'
 --   ARGV[2] notification channel
 --

@@ -3,7 +3,7 @@
 -- last fork goes is removed, and the caller continues up the chain.
 --
 -- Input:
---   KEYS[1..4] meta, data, producers, forks of the SOURCE stream
+--   KEYS[1..5] meta, data, producers, forks of the SOURCE stream, and its shard's sync feed
 --   ARGV[1] name of the fork
 --
 -- Output:

@@ -38,12 +38,27 @@ def test_json_messages_are_readable_entries_and_offsets_are_entry_ids(gateway, h
     assert rest.json() == [{"b": [2, 3]}, {"c": "x"}]
 
 
+def test_json_appends_are_recorded_in_the_shard_feed_with_their_entry_ids(gateway, http, unique, r):
+    url = gateway.stream_url(unique)
+    http.put(url, headers=JSON, content=b'[{"a":1}]')
+    http.post(url, headers=JSON, content=b'[{"b":2}, {"c":[3]}]')
+    http.put(gateway.stream_url(unique + "-bytes"), headers={"content-type": "text/plain"}, content=b"x")
+    keys = stream_keys(unique)
+    feed = [f for _, f in r.xrange(keys.feed) if f[b"stream"] == unique.encode()]
+    data_ids = [i for i, _ in r.xrange(keys.data)]
+    assert [f[b"ids"].split() for f in feed] == [data_ids[:1], data_ids[1:]]
+    assert [json.loads(f[b"json"]) for f in feed] == [[{"a": 1}], [{"b": 2}, {"c": [3]}]]
+    assert not any(
+        f[b"stream"] == (unique + "-bytes").encode() for _, f in r.xrange(stream_keys(unique + "-bytes").feed)
+    )
+
+
 def test_names_with_braces_keep_all_keys_in_one_cluster_slot(gateway, http, unique, r):
     from redis.crc import key_slot
 
     name = f"}}{unique}{{x}}/y"
     keys = stream_keys(name)
-    assert len({key_slot(k.encode()) for k in keys.all + [keys.channel]}) == 1
+    assert len({key_slot(k.encode()) for k in [*keys.all, keys.channel]}) == 1
     url = gateway.url + "/v1/stream/" + httpx.URL(name).raw_path.decode().lstrip("/")
     assert http.put(url, headers={"content-type": "text/plain"}, content=b"hi").status_code == 201
     assert r.xlen(keys.data) == 1
@@ -201,7 +216,7 @@ def test_fork_soft_delete_keeps_source_data_until_the_last_fork_goes(gateway, ht
     assert r.exists(stream_keys(unique).data) == 1
     assert http.delete(fork).status_code == 204
     assert http.head(source).status_code == 404
-    assert r.exists(*stream_keys(unique).all, *stream_keys(unique + "-fork").all) == 0
+    assert r.exists(*stream_keys(unique).own, *stream_keys(unique + "-fork").own) == 0
 
 
 def test_security_and_cors_headers_on_errors_too(gateway, http, unique):

@@ -60,6 +60,10 @@ def test_all_keys_of_a_stream_share_one_slot_and_names_round_trip(name):
     assert name_from_meta_key(keys.meta) == name
 
 
-def test_different_names_with_braces_get_different_keys():
-    assert stream_keys("a}b").meta != stream_keys("a%7Db").meta
-    assert stream_keys("a}b").meta != stream_keys("a").meta
+def test_streams_spread_over_shards_and_share_their_shards_feed_slot():
+    shards = {stream_keys(f"room-{i}").shard for i in range(500)}
+    assert shards == set(range(16))
+    keys = stream_keys("chat/room-1")
+    assert keys.meta == f"ds:{{s{keys.shard:02d}}}:chat/room-1:meta"
+    assert keys.feed == f"dsfeed:{{s{keys.shard:02d}}}"
+    assert key_slot(keys.feed.encode()) == key_slot(keys.data.encode())

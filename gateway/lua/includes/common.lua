@@ -1,9 +1,12 @@
 -- Shared helpers, pasted in front of every script by gateway/scripts.py.
 --
--- Every script takes the four keys of one stream, in this order:
---   KEYS[1] meta (HASH)   KEYS[2] data (STREAM)   KEYS[3] producers (HASH)   KEYS[4] forks (SET)
+-- Every script takes the keys of one stream, in this order (one slot: they
+-- share the shard's hash tag):
+--   KEYS[1] meta (HASH)   KEYS[2] data (STREAM)   KEYS[3] producers (HASH)
+--   KEYS[4] forks (SET)   KEYS[5] the shard's sync feed (STREAM)
 --
--- Meta fields: ct (content type as sent), mt (media type: lowercased, no
+-- Meta fields: name (the stream's name), sink ('1': appends go to the sync
+-- feed), ct (content type as sent), mt (media type: lowercased, no
 -- parameters), json ('1' for JSON mode), tail (last entry ID, '0-0' when
 -- empty), closed ('1'), cby (closing producer "id\nepoch\nseq"), sseq (last
 -- Stream-Seq), ttl (seconds), exp (Expires-At, ms), exp_raw (as sent), atime
@@ -124,7 +127,10 @@ end
 -- Append message groups from ARGV starting at pos: a group count, then per
 -- group its message count and the messages. One group is one append: every
 -- message but the group's last carries 'more' = how many follow, so readers
--- never cut an append in two. Returns the last entry ID (or nil).
+-- never cut an append in two. A stream synced to Postgres also gets one sync
+-- feed entry per append: its name, the entry IDs, and the messages as one JSON
+-- array (messages are JSON texts, so joining them with commas is valid JSON).
+-- Returns the last entry ID (or nil).
 local function add_groups(m, pos)
   local field = m.json and 'json' or 'data'
   local groups = tonumber(ARGV[pos])
@@ -133,14 +139,20 @@ local function add_groups(m, pos)
   for _ = 1, groups do
     local count = tonumber(ARGV[pos])
     pos = pos + 1
+    local ids = {}
     for i = 1, count do
       if i < count then
-        last = redis.call('XADD', KEYS[2], '*', field, ARGV[pos], 'more', tostring(count - i))
+        last = redis.call('XADD', KEYS[2], '*', field, ARGV[pos + i - 1], 'more', tostring(count - i))
       else
-        last = redis.call('XADD', KEYS[2], '*', field, ARGV[pos])
+        last = redis.call('XADD', KEYS[2], '*', field, ARGV[pos + i - 1])
       end
-      pos = pos + 1
+      ids[i] = last
     end
+    if m.sink and count > 0 then
+      redis.call('XADD', KEYS[5], '*', 'stream', m.name, 'ids', table.concat(ids, ' '),
+        'json', '[' .. table.concat(ARGV, ',', pos, pos + count - 1) .. ']')
+    end
+    pos = pos + count
   end
   return last
 end
