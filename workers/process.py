@@ -1,0 +1,66 @@
+"""What every worker process shares: signals that drain, a /healthz and
+/metrics endpoint, backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger("dsgw.worker")
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set `stop`: the worker finishes its batch and exits."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def serve_health(port: int, healthy: Callable[[], bool]) -> asyncio.Server | None:
+    """A minimal HTTP endpoint: GET /healthz (200 while `healthy()`), GET /metrics."""
+    if not port:
+        return None
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            request_line = (await reader.readline()).decode(errors="replace")
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass
+            path = request_line.split(" ")[1] if " " in request_line else "/"
+            if path.startswith("/metrics"):
+                status, body, ctype = "200 OK", generate_latest(), CONTENT_TYPE_LATEST
+            elif path.startswith("/healthz"):
+                ok = healthy()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                body, ctype = (b'{"status":"ok"}' if ok else b'{"status":"unhealthy"}'), "application/json"
+            else:
+                status, body, ctype = "404 Not Found", b"", "text/plain"
+            writer.write(
+                f"HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
+                f"connection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", port)
+
+
+class Backoff:
+    """Exponential backoff for outages: 0.1 s doubling to 5 s, reset on success."""
+
+    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+        self.first, self.cap, self.delay = first, cap, first
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), self.delay)
+        self.delay = min(self.delay * 2, self.cap)
+
+    def reset(self) -> None:
+        self.delay = self.first

@@ -1,0 +1,43 @@
+"""Worker settings, from environment variables (documented in README.md)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    redis_url: str = ""
+    database_url: str = ""
+    # Entries per sink batch (one Postgres transaction).
+    sink_batch: int = 2000
+    # How long a sink read blocks waiting for new feed entries.
+    sink_block_ms: int = 1000
+    # Feed entries delivered to a consumer that has not acknowledged them for
+    # this long are taken over (the consumer is presumed dead).
+    sink_claim_idle_ms: int = 30_000
+    # Outbox rows per source round.
+    source_batch: int = 500
+    # Port for /healthz and /metrics of this worker (0: none).
+    metrics_port: int = 0
+    consumer_name: str = ""
+
+    @classmethod
+    def from_env(cls) -> WorkerSettings:
+        return cls(
+            redis_url=os.environ.get("REDIS_URL", ""),
+            database_url=os.environ.get("DATABASE_URL", ""),
+            sink_batch=_int("DSGW_SINK_BATCH", cls.sink_batch),
+            sink_block_ms=_int("DSGW_SINK_BLOCK_MS", cls.sink_block_ms),
+            sink_claim_idle_ms=_int("DSGW_SINK_CLAIM_IDLE_MS", cls.sink_claim_idle_ms),
+            source_batch=_int("DSGW_SOURCE_BATCH", cls.source_batch),
+            metrics_port=_int("DSGW_WORKER_METRICS_PORT", cls.metrics_port),
+            consumer_name=os.environ.get("DSGW_CONSUMER_NAME", "") or f"{socket.gethostname()}-{os.getpid()}",
+        )
