@@ -49,31 +49,64 @@ def dev(
     data_dir: Path = typer.Option(
         Path("data"), envvar="DSGW_DATA_DIR", help="Where embedded servers keep data."
     ),
+    workers: bool = typer.Option(True, help="Also run one sink and one source worker."),
 ) -> None:
-    """Run everything on one machine: the gateway, plus an embedded Redis (AOF on,
-    data in DATA_DIR/redis) when REDIS_URL is not set. Ctrl-C stops it all."""
+    """Run everything on one machine: the gateway, one sink and one source
+    worker, plus an embedded Redis (AOF on, DATA_DIR/redis) when REDIS_URL is
+    not set and an embedded Postgres (DATA_DIR/pg) when DATABASE_URL is not set.
+    Ctrl-C stops it all; the data stays for the next run."""
+    import subprocess
+    import sys
+
     import uvicorn
 
-    from .embedded import start_redis
+    from .embedded import die_with_parent, start_postgres, start_redis
 
-    redis_proc = None
-    if not os.environ.get("REDIS_URL"):
-        data_dir = data_dir.resolve()
-        redis_proc = start_redis(
-            data_dir / "redis",
-            # A fixed port keeps the printed redis-cli command valid across restarts.
-            port=int(os.environ.get("DSGW_DEV_REDIS_PORT", "6390")),
-            persistent=True,
-            path_min_version=(7, 0),
-            log_file=data_dir / "redis.log",
-        )
-        os.environ["REDIS_URL"] = redis_proc.url
-    base_url = f"http://{host}:{port}"
-    typer.echo(f"BASE_URL={base_url}")
-    typer.echo(f"REDIS_URL={os.environ['REDIS_URL']}")
-    typer.echo(f"inspect:  redis-cli -u {os.environ['REDIS_URL']} XRANGE 'ds:{{NAME}}:data' - +")
-    typer.echo(f"try:      curl -X PUT -H 'content-type: application/json' {base_url}/v1/stream/hello")
+    import signal
+
+    # uvicorn re-raises the SIGTERM it drained on; turn that into an exception
+    # so that the `finally` below still stops the workers and servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    data_dir = data_dir.resolve()
+    stop_last: list = []  # servers and workers, stopped in reverse order
     try:
+        if not os.environ.get("REDIS_URL"):
+            redis_proc = start_redis(
+                data_dir / "redis",
+                # Fixed ports keep the printed commands valid across restarts.
+                port=int(os.environ.get("DSGW_DEV_REDIS_PORT", "6390")),
+                persistent=True,
+                path_min_version=(7, 0),
+                log_file=data_dir / "redis.log",
+            )
+            stop_last.append(redis_proc)
+            os.environ["REDIS_URL"] = redis_proc.url
+        if workers and not os.environ.get("DATABASE_URL"):
+            pg_proc = start_postgres(
+                data_dir / "pg",
+                port=int(os.environ.get("DSGW_DEV_POSTGRES_PORT", "6391")),
+                log_file=data_dir / "postgres.log",
+            )
+            stop_last.append(pg_proc)
+            os.environ["DATABASE_URL"] = pg_proc.url
+        if workers:
+            for kind in ("sink", "source"):
+                log = open(data_dir / f"{kind}.log", "ab")  # noqa: SIM115
+                child = subprocess.Popen(
+                    [sys.executable, "-m", "gateway.cli", "worker", kind],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                stop_last.append(_Child(child))
+        base_url = f"http://{host}:{port}"
+        redis_url = os.environ["REDIS_URL"]
+        typer.echo(f"BASE_URL={base_url}")
+        typer.echo(f"REDIS_URL={redis_url}")
+        if workers:
+            typer.echo(f"DATABASE_URL={os.environ['DATABASE_URL']}")
+            typer.echo(f"workers:  sink and source, logs in {data_dir}/{{sink,source}}.log")
+        typer.echo(f"inspect:  redis-cli -u {redis_url} --scan --pattern 'ds:*:meta'")
+        typer.echo(f"try:      curl -X PUT -H 'content-type: application/json' {base_url}/v1/stream/hello")
         uvicorn.run(
             "gateway.app:create_app",
             factory=True,
@@ -84,8 +117,25 @@ def dev(
             timeout_graceful_shutdown=10,
         )
     finally:
-        if redis_proc is not None:
-            redis_proc.stop()
+        for proc in reversed(stop_last):
+            proc.stop()
+
+
+class _Child:
+    """A worker child of `dsgw dev`: SIGTERM makes it drain and exit."""
+
+    def __init__(self, proc) -> None:  # type: ignore[no-untyped-def]
+        self.proc = proc
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 worker_app = typer.Typer(help="Postgres sync workers.", no_args_is_help=True)

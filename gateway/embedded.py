@@ -75,7 +75,7 @@ def wait_for_port(port: int, timeout_s: float = 15.0, proc: subprocess.Popen | N
     raise EmbeddedError(f"nothing listening on port {port} after {timeout_s}s")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """preexec_fn: the kernel sends SIGTERM to the child if its parent dies,
     so an embedded server never outlives a killed `dsgw dev`."""
     try:
@@ -149,7 +149,7 @@ def start_redis(
         stdout=out,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        preexec_fn=die_with_parent if sys.platform == "linux" else None,
     )
     try:
         wait_for_port(port, proc=proc)
@@ -258,7 +258,7 @@ def start_postgres(
         data_dir.chmod(0o700)
 
     def demote() -> None:
-        _die_with_parent()
+        die_with_parent()
         if ids is not None:
             os.setgid(ids[1])
             os.setuid(ids[0])

@@ -30,12 +30,14 @@ IDLE_UNSUBSCRIBE_S = 30.0  # keep a quiet subscription a while: readers come bac
 @dataclass
 class _Channel:
     version: int = 0
+    notified_at: float = 0.0
     readers: int = 0
     idle_since: float = 0.0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     confirmed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def bump(self) -> None:
+        self.notified_at = time.monotonic()
         self.version += 1
         self.changed.set()
         self.changed = asyncio.Event()
@@ -48,6 +50,11 @@ class Watch:
         self._channel = channel
         self._seen = channel.version
         self._recheck_s = recheck_s
+
+    @property
+    def notified_at(self) -> float:
+        """monotonic() time of the channel's latest notification."""
+        return self._channel.notified_at
 
     async def wait(self, timeout_s: float) -> bool:
         """Wait for a notification newer than the last wait; False on timeout

@@ -13,8 +13,15 @@ LIVE_READERS = Gauge("dsgw_live_readers", "Live readers waiting in this process"
 RESPONSES = Counter("dsgw_responses_total", "HTTP responses by method and status", ["method", "status"])
 FANOUT_DELAY = Histogram(
     "dsgw_fanout_delivery_seconds",
-    "From a live reader's wake-up to its response write",
+    "From a stream notification reaching this process to a woken reader's response",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+
+REDIS_CALL_SECONDS = Histogram(
+    "dsgw_redis_call_seconds",
+    "Round trip of one Lua script call to Redis, by script",
+    ["op"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
 )
 
 

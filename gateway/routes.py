@@ -399,6 +399,8 @@ class StreamRoutes:
                     # first read and the watch would otherwise go unnoticed.
                     result = await self._read(name, after, touch=False)
                     if result.entries:
+                        if watch.notified_at:
+                            metrics.FANOUT_DELAY.observe(time.monotonic() - watch.notified_at)
                         return self._data_response(None, result, start, cursor=cursor)
                     if result.closed_at_end:
                         return self._timeout_response(result, None)
@@ -454,6 +456,8 @@ class StreamRoutes:
                 while True:
                     after = result.next_id
                     closed = result.closed_at_end
+                    if result.entries and result is not first and watch.notified_at:
+                        metrics.FANOUT_DELAY.observe(time.monotonic() - watch.notified_at)
                     if result.entries or result is first or closed:
                         # Data and its control go out as one write: a reader that
                         # stops at the first complete event still sees both.

@@ -3,12 +3,15 @@ from lua/includes/) and calls them by SHA."""
 
 from __future__ import annotations
 
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+
+from .metrics import REDIS_CALL_SECONDS
 
 LUA_DIR = Path(__file__).with_name("lua")
 SCRIPT_NAMES = ("create", "append", "close", "delete", "read", "fork_acquire", "fork_release")
@@ -35,4 +38,8 @@ class Scripts:
         }
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return await self._scripts[name](keys=keys, args=args)
+        started = time.perf_counter()
+        try:
+            return await self._scripts[name](keys=keys, args=args)
+        finally:
+            REDIS_CALL_SECONDS.labels(name).observe(time.perf_counter() - started)
