@@ -42,6 +42,9 @@ test-integration: $(STAMP) ## Integration tests over HTTP against a real redis-s
 conformance: install ## The official conformance suite (npm, pinned 0.3.6) against a fresh gateway; prints the counts
 	$(PY) -m e2e.conformance
 
+bench: $(STAMP) ## Benchmarks: Postgres sync (sink throughput and lag, source lag), with same-run baselines
+	$(PY) -m e2e.bench_sync
+
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check gateway workers tests e2e
 	$(VENV)/bin/ruff format --check gateway workers tests e2e
@@ -54,4 +57,4 @@ format: $(STAMP) ## Apply ruff's formatting and safe fixes
 clean: ## Remove the virtualenv, node_modules and caches (keeps ./data)
 	rm -rf $(VENV) e2e/node_modules .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install run serve test test-unit test-integration conformance lint format clean
+.PHONY: help install run serve test test-unit test-integration conformance bench lint format clean

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from pathlib import Path
 
 import typer
@@ -55,14 +57,13 @@ def dev(
     worker, plus an embedded Redis (AOF on, DATA_DIR/redis) when REDIS_URL is
     not set and an embedded Postgres (DATA_DIR/pg) when DATABASE_URL is not set.
     Ctrl-C stops it all; the data stays for the next run."""
+    import signal
     import subprocess
     import sys
 
     import uvicorn
 
-    from .embedded import die_with_parent, start_postgres, start_redis
-
-    import signal
+    from .embedded import start_postgres, start_redis
 
     # uvicorn re-raises the SIGTERM it drained on; turn that into an exception
     # so that the `finally` below still stops the workers and servers.
@@ -267,6 +268,137 @@ def unpublish(table: str = typer.Argument(..., help="Table to stop publishing.")
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     typer.echo(f"stopped publishing {table}")
+
+
+# --- inspection -------------------------------------------------------------------
+
+
+def _redis():  # type: ignore[no-untyped-def]
+    import redis.asyncio as aioredis
+
+    url = os.environ.get("REDIS_URL", "")
+    if not url:
+        raise typer.BadParameter("REDIS_URL is not set")
+    return aioredis.Redis.from_url(url)
+
+
+def _print_json(value: object) -> None:
+    import json
+
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+@app.command()
+def streams(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the streams: name, content type, messages, bytes, closed, TTL."""
+    import asyncio
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .inspect import list_streams
+
+    async def run() -> list[dict]:
+        redis = _redis()
+        try:
+            return await list_streams(redis)
+        finally:
+            await redis.aclose()
+
+    rows = asyncio.run(run())
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("name", "content type", "messages", "bytes", "closed", "ttl / expires")
+    for r in rows:
+        state = "yes" if r["closed"] else ("deleted" if r["deleted"] else "")
+        expiry = f"{r['ttl']} s" if r["ttl"] is not None else (r["expires_at"] or "")
+        table.add_row(r["name"], r["content_type"], str(r["messages"]), str(r["bytes"]), state, expiry)
+    Console().print(table)
+
+
+@app.command()
+def info(
+    name: str = typer.Argument(..., help="Stream name, e.g. chat/room-1."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """A stream's state: metadata, producers (epoch, seq), forks, sink lag, Redis keys."""
+    import asyncio
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .inspect import stream_info
+
+    async def run() -> dict | None:
+        redis = _redis()
+        try:
+            return await stream_info(redis, name)
+        finally:
+            await redis.aclose()
+
+    data = asyncio.run(run())
+    if data is None:
+        typer.echo(f"no stream named {name}", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        _print_json(data)
+        return
+    console = Console()
+    overview = Table("field", "value", title=f"stream {name}")
+    for field in ("content_type", "tail_offset", "messages", "bytes", "closed", "deleted", "ttl", "expires_at",
+                  "forked_from", "fork_offset", "stream_seq", "synced_to_postgres"):  # fmt: skip
+        overview.add_row(field, "" if data[field] is None else str(data[field]))
+    overview.add_row("forks", ", ".join(data["forks"]))
+    if data["sink"]:
+        overview.add_row("sink backlog (shard)", str(data["sink"].get("backlog")))
+        overview.add_row("sink oldest age ms", str(data["sink"].get("oldest_age_ms")))
+    for label, key in data["keys"].items():
+        overview.add_row(f"key: {label}", key)
+    console.print(overview)
+    producers = Table("producer", "epoch", "seq", "updated", title="producers")
+    for p in data["producers"]:
+        updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(p["updated_ms"] / 1000))
+        producers.add_row(p["id"], str(p["epoch"]), str(p["seq"]), updated)
+    console.print(producers)
+
+
+@app.command()
+def tail(
+    name: str = typer.Argument(..., help="Stream name."),
+    from_offset: str = typer.Option("-1", "--from", help="Start after this offset (-1: the beginning)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep waiting for new messages."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per message: offset and message."),
+) -> None:
+    """Print a stream's messages (JSON as text, text as is, binary as base64)."""
+    import asyncio
+    import json
+
+    from .inspect import tail as read_tail
+    from .offsets import ZERO_ID, BadOffset, parse_offset
+    from .protocol import ProblemError
+
+    try:
+        after = ZERO_ID if from_offset == "-1" else parse_offset(from_offset)
+    except BadOffset:
+        raise typer.BadParameter(f"not an offset: {from_offset}") from None
+
+    async def run() -> None:
+        redis = _redis()
+        try:
+            async for offset, text in read_tail(redis, name, after, follow):
+                if as_json:
+                    typer.echo(json.dumps({"offset": offset, "message": text}))
+                else:
+                    typer.echo(f"{offset}  {text}")
+        except ProblemError as exc:
+            typer.echo(f"{name}: {exc.title}", err=True)
+            raise typer.Exit(1) from None
+        finally:
+            await redis.aclose()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
 
 
 def main() -> None:

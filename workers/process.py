@@ -21,7 +21,9 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def serve_health(port: int, healthy: Callable[[], bool]) -> asyncio.Server | None:
+async def serve_health(
+    port: int, healthy: Callable[[], bool], host: str = "127.0.0.1"
+) -> asyncio.Server | None:
     """A minimal HTTP endpoint: GET /healthz (200 while `healthy()`), GET /metrics."""
     if not port:
         return None
@@ -48,7 +50,7 @@ async def serve_health(port: int, healthy: Callable[[], bool]) -> asyncio.Server
             await writer.drain()
         writer.close()
 
-    return await asyncio.start_server(handle, "127.0.0.1", port)
+    return await asyncio.start_server(handle, host, port)
 
 
 class Backoff:

@@ -25,8 +25,9 @@ class WorkerSettings:
     sink_claim_idle_ms: int = 30_000
     # Outbox rows per source round.
     source_batch: int = 500
-    # Port for /healthz and /metrics of this worker (0: none).
+    # Port for /healthz and /metrics of this worker (0: none), and its address.
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     consumer_name: str = ""
 
     @classmethod
@@ -39,5 +40,6 @@ class WorkerSettings:
             sink_claim_idle_ms=_int("DSGW_SINK_CLAIM_IDLE_MS", cls.sink_claim_idle_ms),
             source_batch=_int("DSGW_SOURCE_BATCH", cls.source_batch),
             metrics_port=_int("DSGW_WORKER_METRICS_PORT", cls.metrics_port),
+            metrics_host=os.environ.get("DSGW_WORKER_METRICS_HOST", "") or cls.metrics_host,
             consumer_name=os.environ.get("DSGW_CONSUMER_NAME", "") or f"{socket.gethostname()}-{os.getpid()}",
         )

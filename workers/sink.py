@@ -288,7 +288,7 @@ async def run_sink(settings: WorkerSettings) -> None:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
     worker = SinkWorker(settings, redis, pool)
     install_stop_signals(worker.stop)
-    server = await serve_health(settings.metrics_port, worker.healthy)
+    server = await serve_health(settings.metrics_port, worker.healthy, settings.metrics_host)
     try:
         await worker.run()
     finally:

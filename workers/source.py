@@ -274,7 +274,7 @@ async def run_source(settings: WorkerSettings) -> None:
     store = Store(redis, sink_filter=Settings.from_env().sink_filter)
     worker = SourceWorker(settings, store)
     install_stop_signals(worker.stop)
-    server = await serve_health(settings.metrics_port, worker.healthy)
+    server = await serve_health(settings.metrics_port, worker.healthy, settings.metrics_host)
     try:
         await worker.run()
     finally:

@@ -12,7 +12,7 @@
 -- Stream-Seq), ttl (seconds), exp (Expires-At, ms), exp_raw (as sent), atime
 -- (last access, ms), gen (random token, changes when the path is recreated),
 -- deleted ('1' = soft-deleted, kept for forks), src/fofs/fsub (fork source,
--- fork offset as entry ID, sub-offset as sent).
+-- fork offset as entry ID, sub-offset as sent), bytes (payload bytes appended).
 
 -- Redis 6.2 needs effect replication before a script may write after TIME;
 -- on 7.x this is always on and the call is a no-op.
@@ -136,6 +136,7 @@ local function add_groups(m, pos)
   local groups = tonumber(ARGV[pos])
   pos = pos + 1
   local last = nil
+  local bytes = 0
   for _ = 1, groups do
     local count = tonumber(ARGV[pos])
     pos = pos + 1
@@ -147,12 +148,16 @@ local function add_groups(m, pos)
         last = redis.call('XADD', KEYS[2], '*', field, ARGV[pos + i - 1])
       end
       ids[i] = last
+      bytes = bytes + #ARGV[pos + i - 1]
     end
     if m.sink and count > 0 then
       redis.call('XADD', KEYS[5], '*', 'stream', m.name, 'ids', table.concat(ids, ' '),
         'json', '[' .. table.concat(ARGV, ',', pos, pos + count - 1) .. ']')
     end
     pos = pos + count
+  end
+  if bytes > 0 then
+    redis.call('HINCRBY', KEYS[1], 'bytes', bytes)
   end
   return last
 end
