@@ -3,9 +3,11 @@ that puts security and CORS headers on every response."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import signal
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from redis.exceptions import RedisError
+from sse_starlette.sse import AppStatus
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -20,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, logs, metrics
 from .live import LiveHub
+from .redis_client import connect
 from .routes import StreamRoutes, problem
 from .settings import Settings
 from .store import Store
@@ -39,33 +43,57 @@ CORS_EXPOSE_HEADERS = (
 )
 
 
-def connect_redis(settings: Settings) -> aioredis.Redis:
-    # A blocking pool makes a burst of requests queue for a connection instead of
-    # failing with "too many connections" (the default pool's behaviour).
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        timeout=settings.redis_pool_timeout_s,
-        health_check_interval=30,
-        # Shows which process holds a connection in `redis-cli CLIENT LIST`.
-        client_name=f"dsgw-gateway-{os.getpid()}",
-    )
-    return aioredis.Redis(connection_pool=pool)
-
-
 class Gateway:
-    """Everything one gateway process holds: settings, Redis, store, live hub."""
+    """Everything one gateway process holds: settings, Redis, store, live hub.
+    The Redis side is set up in `start`, once we know what REDIS_URL names."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = connect_redis(settings)
-        self.store = Store(self.redis, sink_filter=settings.sink_filter)
-        self.hub = LiveHub(self.redis, recheck_s=settings.live_recheck_ms / 1000)
+        # Set once the server is shutting down: live readers finish at once
+        # (long-poll answers 204, SSE ends cleanly) so in-flight work can drain.
+        self.draining = False
+        self._drain_watch: asyncio.Task[None] | None = None
+        self.redis: aioredis.Redis
+        self.store: Store
+        self.hub: LiveHub
 
     async def start(self) -> None:
+        s = self.settings
+        target = await connect(
+            s.redis_url,
+            max_connections=s.redis_max_connections,
+            pool_timeout_s=s.redis_pool_timeout_s,
+            # Shows which process holds a connection in `redis-cli CLIENT LIST`.
+            name=f"dsgw-gateway-{os.getpid()}",
+        )
+        self.redis = target.client
+        self.store = Store(self.redis, publish_command=target.publish_command, sink_filter=s.sink_filter)
+        self.hub = LiveHub(self.redis, recheck_s=s.live_recheck_ms / 1000, sharded=target.sharded_pubsub)
+        log.info(
+            "connected to redis",
+            extra={"fields": {"cluster": target.cluster, "version": ".".join(map(str, target.version)),
+                              "publish": target.publish_command}},
+        )  # fmt: skip
         await self.hub.start()
+        self._drain_watch = asyncio.create_task(self._watch_for_shutdown())
+
+    async def _watch_for_shutdown(self) -> None:
+        """uvicorn keeps serving in-flight requests after SIGTERM but tells no
+        one; its signal handler is a method of its Server, whose should_exit
+        flips. Poll that, then wake every live reader."""
+        while True:
+            handler = signal.getsignal(signal.SIGTERM)
+            server = getattr(handler, "__self__", None)
+            if getattr(server, "should_exit", False):
+                break
+            await asyncio.sleep(0.2)
+        log.info("draining: ending live reads")
+        self.draining = True
+        self.hub.wake_all()
 
     async def stop(self) -> None:
+        if self._drain_watch:
+            self._drain_watch.cancel()
         await self.hub.stop()
         await self.redis.aclose()
 
@@ -142,6 +170,9 @@ class EdgeMiddleware:
 
 def create_app(settings: Settings | None = None) -> Any:
     settings = settings or Settings.from_env()
+    # sse-starlette would cut SSE responses off mid-stream on SIGTERM; our event
+    # generators end themselves (Gateway.draining), so clients see a clean end.
+    AppStatus.disable_automatic_graceful_drain()
     logs.setup(settings.log_level)
     gateway = Gateway(settings)
     routes = StreamRoutes(gateway)

@@ -31,6 +31,7 @@ def serve(
     settings = Settings.from_env()
     if not settings.redis_url:
         raise typer.BadParameter("REDIS_URL is not set (use `dsgw dev` for an embedded Redis)")
+    _exit_zero_after_drain()
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,
@@ -42,6 +43,15 @@ def serve(
         timeout_graceful_shutdown=10,
         lifespan="on",
     )
+
+
+def _exit_zero_after_drain() -> None:
+    """uvicorn drains on SIGTERM, then re-raises the signal, which would end the
+    process as killed by it; a clean drain should exit 0 instead."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 
 @app.command()
@@ -227,15 +237,17 @@ def publish(
 
 
 async def _create_json_stream(name: str) -> None:
-    import redis.asyncio as aioredis
-
     from .protocol import JSON_MEDIA_TYPE, ProblemError
+    from .redis_client import connect
     from .settings import Settings
     from .store import Store
 
-    redis = aioredis.Redis.from_url(os.environ["REDIS_URL"])
+    target = await connect(os.environ["REDIS_URL"], max_connections=4)
+    redis = target.client
     try:
-        store = Store(redis, sink_filter=Settings.from_env().sink_filter)
+        store = Store(
+            redis, publish_command=target.publish_command, sink_filter=Settings.from_env().sink_filter
+        )
         try:
             await store.create(
                 name, content_type=JSON_MEDIA_TYPE, media_type=JSON_MEDIA_TYPE,
@@ -273,13 +285,13 @@ def unpublish(table: str = typer.Argument(..., help="Table to stop publishing.")
 # --- inspection -------------------------------------------------------------------
 
 
-def _redis():  # type: ignore[no-untyped-def]
-    import redis.asyncio as aioredis
+async def _redis():  # type: ignore[no-untyped-def]
+    from .redis_client import connect
 
     url = os.environ.get("REDIS_URL", "")
     if not url:
         raise typer.BadParameter("REDIS_URL is not set")
-    return aioredis.Redis.from_url(url)
+    return (await connect(url, max_connections=8, name=f"dsgw-cli-{os.getpid()}")).client
 
 
 def _print_json(value: object) -> None:
@@ -299,7 +311,7 @@ def streams(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     from .inspect import list_streams
 
     async def run() -> list[dict]:
-        redis = _redis()
+        redis = await _redis()
         try:
             return await list_streams(redis)
         finally:
@@ -331,7 +343,7 @@ def info(
     from .inspect import stream_info
 
     async def run() -> dict | None:
-        redis = _redis()
+        redis = await _redis()
         try:
             return await stream_info(redis, name)
         finally:
@@ -384,7 +396,7 @@ def tail(
         raise typer.BadParameter(f"not an offset: {from_offset}") from None
 
     async def run() -> None:
-        redis = _redis()
+        redis = await _redis()
         try:
             async for offset, text in read_tail(redis, name, after, follow):
                 if as_json:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 
 log = logging.getLogger("dsgw.live")
 
@@ -73,6 +74,10 @@ class LiveHub:
         self._redis = redis
         self._recheck_s = recheck_s
         self._sharded = sharded
+        # A cluster client keeps one pub/sub connection per node that owns a
+        # subscribed shard channel (redis-py's ClusterPubSub), re-routing them
+        # when slots move.
+        self._cluster = isinstance(redis, RedisCluster)
         self._channels: dict[str, _Channel] = {}
         self._pubsub: PubSub | None = None
         self._task: asyncio.Task[None] | None = None
@@ -90,6 +95,10 @@ class LiveHub:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="dsgw-live-hub")
+
+    def wake_all(self) -> None:
+        for channel in self._channels.values():
+            channel.bump()
 
     async def stop(self) -> None:
         if self._task:
@@ -156,9 +165,10 @@ class LiveHub:
         self._pubsub = pubsub = self._redis.pubsub()
         for channel in self._channels.values():
             channel.confirmed.clear()
-        # A placeholder subscription keeps the connection in pub/sub mode (and
-        # its liveness visible) even when no stream has readers.
-        await pubsub.subscribe("ds:__hub__")
+        if not self._cluster:
+            # A placeholder subscription keeps the connection in pub/sub mode
+            # (and its liveness visible to PING) even when no stream has readers.
+            await pubsub.subscribe("ds:__hub__")
         await self._subscribe(*self._channels)
         self._ready = True
         # Whatever was published while we were away: every reader re-reads.
@@ -169,20 +179,30 @@ class LiveHub:
         assert self._pubsub is not None
         last_sweep = last_ping = time.monotonic()
         while True:
-            message = await self._pubsub.get_message(timeout=1.0)
+            started = time.monotonic()
+            if self._cluster and self._sharded:
+                message = await self._pubsub.get_sharded_message(timeout=1.0)  # type: ignore[attr-defined]
+            else:
+                message = await self._pubsub.get_message(timeout=1.0)
             now = time.monotonic()
             if message is not None:
                 self._dispatch(message)
+            elif now - started < 0.01:
+                # Nothing subscribed yet: get_message does not block then.
+                await asyncio.sleep(0.1)
             if now - last_sweep > 5.0:
                 last_sweep = now
                 await self._unsubscribe_idle(now)
-            if now - last_ping > 5.0:
+            if now - last_ping > 5.0 and not self._cluster:
                 last_ping = now
                 await self._pubsub.ping()
 
     def _dispatch(self, message: dict) -> None:
         kind = message["type"]
-        name = message["channel"]
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        name = message.get("channel")
+        if name is None:
+            return
         name = name.decode() if isinstance(name, bytes) else name
         channel = self._channels.get(name)
         if channel is None:

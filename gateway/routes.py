@@ -405,7 +405,7 @@ class StreamRoutes:
                     if result.closed_at_end:
                         return self._timeout_response(result, None)
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    if remaining <= 0 or self.gw.draining:
                         return self._timeout_response(result, cursor)
                     await watch.wait(remaining)
         finally:
@@ -480,9 +480,11 @@ class StreamRoutes:
                         watching_since_first_read = True
                     elif result.up_to_date:
                         now = time.monotonic()
-                        if now >= lifetime_end:
+                        if now >= lifetime_end or self.gw.draining:
                             return
                         changed = await watch.wait(min(lifetime_end - now, keepalive_s))
+                        if self.gw.draining:
+                            return
                         if not changed and time.monotonic() - since_event >= keepalive_s:
                             current = next_cursor(None)
                             if int(current) > int(cursor):

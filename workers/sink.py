@@ -276,15 +276,16 @@ async def run_sink(settings: WorkerSettings) -> None:
     from .process import install_stop_signals, serve_health
 
     await migrate_url(settings.database_url)
-    redis = aioredis.Redis(
-        connection_pool=aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url,
-            # One blocking read per shard plus room for acks and trims.
-            max_connections=SHARDS * 2 + 4,
-            timeout=30,
-            client_name=f"dsgw-sink-{settings.consumer_name}",
-        )
+    from gateway.redis_client import connect
+
+    target = await connect(
+        settings.redis_url,
+        # One blocking read per shard plus room for acks and trims.
+        max_connections=SHARDS * 2 + 4,
+        pool_timeout_s=30,
+        name=f"dsgw-sink-{settings.consumer_name}",
     )
+    redis = target.client
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
     worker = SinkWorker(settings, redis, pool)
     install_stop_signals(worker.stop)

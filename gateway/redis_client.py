@@ -1,0 +1,59 @@
+"""Connecting to Redis: a single server or a Redis Cluster, told apart by
+asking the server (INFO cluster), so REDIS_URL may name either. For a cluster,
+name any one node: redis://10.0.0.5:7000/0 ."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    client: Any  # redis.asyncio.Redis, or RedisCluster where `cluster` is true
+    cluster: bool
+    version: tuple[int, ...]
+
+    @property
+    def sharded_pubsub(self) -> bool:
+        """SPUBLISH/SSUBSCRIBE (Redis 7+): a notification travels only to the
+        shard that owns the stream, not to every node of a cluster."""
+        return self.version >= (7, 0)
+
+    @property
+    def publish_command(self) -> str:
+        return "SPUBLISH" if self.sharded_pubsub else "PUBLISH"
+
+
+async def connect(
+    url: str, *, max_connections: int, pool_timeout_s: float = 10.0, name: str = ""
+) -> RedisTarget:
+    client_name = name or f"dsgw-{os.getpid()}"
+    probe = aioredis.Redis.from_url(url)
+    try:
+        info = await probe.info("server")
+        cluster_info = await probe.info("cluster")
+    finally:
+        await probe.aclose()
+    version = tuple(int(x) for x in str(info["redis_version"]).split(".")[:3])
+    if cluster_info.get("cluster_enabled") in (1, "1"):
+        # Per node; cluster clients have no blocking pool, so keep it roomy.
+        client = RedisCluster.from_url(
+            url, max_connections=max(max_connections, 256), client_name=client_name
+        )
+        await client.initialize()
+        return RedisTarget(client, True, version)
+    # A blocking pool makes a burst of requests queue for a connection instead
+    # of failing with "too many connections" (the default pool's behaviour).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=pool_timeout_s,
+        health_check_interval=30,
+        client_name=client_name,
+    )
+    return RedisTarget(aioredis.Redis(connection_pool=pool), False, version)
