@@ -42,6 +42,15 @@ test-integration: $(STAMP) ## Integration tests over HTTP against a real redis-s
 conformance: install ## The official conformance suite (npm, pinned 0.3.6) against a fresh gateway; prints the counts
 	$(PY) -m e2e.conformance
 
+stack: install ## Start redis (STACK_REDIS=cluster for 3 masters), postgres, 3 gateways, nginx, workers in the background
+	@$(PY) -m e2e.stack up
+
+stack-down: ## Stop exactly what `make stack` started
+	@$(PY) -m e2e.stack down
+
+e2e: install ## Through the load balancer on a 3-master cluster: conformance, cross-replica delivery, kills, drains, sync scenarios
+	$(PY) -m pytest e2e -p no:cacheprovider
+
 bench: $(STAMP) ## Benchmarks: Postgres sync (sink throughput and lag, source lag), with same-run baselines
 	$(PY) -m e2e.bench_sync
 
@@ -57,4 +66,4 @@ format: $(STAMP) ## Apply ruff's formatting and safe fixes
 clean: ## Remove the virtualenv, node_modules and caches (keeps ./data)
 	rm -rf $(VENV) e2e/node_modules .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install run serve test test-unit test-integration conformance bench lint format clean
+.PHONY: help install run serve test test-unit test-integration conformance stack stack-down e2e bench lint format clean

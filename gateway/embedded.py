@@ -117,9 +117,11 @@ def start_redis(
     path_min_version: tuple[int, int] = (6, 2),
     extra_args: list[str] | None = None,
     log_file: Path | None = None,
+    detach: bool = False,
 ) -> RedisProcess:
     """Start redis-server as a child process. `persistent` turns on the AOF with
-    fsync every second (the setting our durability promise is stated for)."""
+    fsync every second. `detach` lets it outlive this process (the local stack);
+    otherwise it dies with us."""
     binary = find_redis_server(path_min_version)
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +151,8 @@ def start_redis(
         stdout=out,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        preexec_fn=die_with_parent if sys.platform == "linux" else None,
+        preexec_fn=None if detach or sys.platform != "linux" else die_with_parent,
+        start_new_session=detach,
     )
     try:
         wait_for_port(port, proc=proc)
@@ -242,6 +245,7 @@ def start_postgres(
     port: int | None = None,
     durable: bool = True,
     log_file: Path | None = None,
+    detach: bool = False,
 ) -> PostgresProcess:
     """initdb (first time) and start postgres as a foreground child process.
     `durable=False` turns fsync off, for throwaway test databases."""
@@ -258,7 +262,8 @@ def start_postgres(
         data_dir.chmod(0o700)
 
     def demote() -> None:
-        die_with_parent()
+        if not detach:
+            die_with_parent()
         if ids is not None:
             os.setgid(ids[1])
             os.setuid(ids[0])
@@ -281,7 +286,12 @@ def start_postgres(
     if not durable:
         args += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
     proc = subprocess.Popen(
-        args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=demote
+        args,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=demote,
+        start_new_session=detach,
     )
     try:
         wait_for_port(port, timeout_s=60, proc=proc)

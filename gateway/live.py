@@ -165,9 +165,10 @@ class LiveHub:
         self._pubsub = pubsub = self._redis.pubsub()
         for channel in self._channels.values():
             channel.confirmed.clear()
-        if not self._cluster:
+        if not (self._cluster and self._sharded):
             # A placeholder subscription keeps the connection in pub/sub mode
             # (and its liveness visible to PING) even when no stream has readers.
+            # Sharded subscriptions on a cluster open per-node connections as needed.
             await pubsub.subscribe("ds:__hub__")
         await self._subscribe(*self._channels)
         self._ready = True
@@ -181,7 +182,10 @@ class LiveHub:
         while True:
             started = time.monotonic()
             if self._cluster and self._sharded:
-                message = await self._pubsub.get_sharded_message(timeout=1.0)  # type: ignore[attr-defined]
+                if self._channels:
+                    message = await self._pubsub.get_sharded_message(timeout=1.0)  # type: ignore[attr-defined]
+                else:
+                    message = None
             else:
                 message = await self._pubsub.get_message(timeout=1.0)
             now = time.monotonic()
