@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, logs, metrics
 from .live import LiveHub
-from .redis_client import connect
+from .redis_client import connect, reset_after
 from .routes import StreamRoutes, problem
 from .settings import Settings
 from .store import Store
@@ -113,6 +113,12 @@ class EdgeMiddleware:
             (b"access-control-expose-headers", CORS_EXPOSE_HEADERS.encode()),
         ]
 
+    @staticmethod
+    def gateway_redis(scope: Scope) -> Any:
+        app = scope.get("app")
+        gateway = getattr(getattr(app, "state", None), "gateway", None)
+        return getattr(gateway, "redis", None)
+
     def _cors(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         if self.any_origin:
             return [(b"access-control-allow-origin", b"*")]
@@ -154,7 +160,8 @@ class EdgeMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         except RedisError as exc:
-            log.warning("storage unavailable: %s", exc)
+            log.warning("storage unavailable: %s: %s", type(exc).__name__, exc)
+            await reset_after(self.gateway_redis(scope), exc)
             if not started:
                 await problem(503, "Storage unavailable", type(exc).__name__)(
                     scope, receive, send_with_headers

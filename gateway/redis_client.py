@@ -57,3 +57,15 @@ async def connect(
         client_name=client_name,
     )
     return RedisTarget(aioredis.Redis(connection_pool=pool), False, version)
+
+
+async def reset_after(client: Any, exc: BaseException) -> None:
+    """A cluster client that let a MOVED/ASK or cluster error escape holds a
+    slot map it cannot repair: drop its connections, so the next command
+    fetches the topology afresh."""
+    from redis.exceptions import AskError, ClusterDownError, ClusterError, MovedError, SlotNotCoveredError
+
+    if isinstance(client, RedisCluster) and isinstance(
+        exc, MovedError | AskError | ClusterError | ClusterDownError | SlotNotCoveredError
+    ):
+        await client.aclose()

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway.keys import SHARDS, feed_key
 from gateway.offsets import format_offset, parse_entry_id
+from gateway.redis_client import reset_after
 
 from .process import Backoff
 from .settings import WorkerSettings
@@ -166,10 +167,12 @@ class SinkWorker:
                 if "NOGROUP" in str(exc):
                     group_ready = False  # the feed key was deleted: recreate the group
                 else:
-                    log.warning("sink redis error: %s", exc)
+                    log.warning("sink redis error: %s: %s", type(exc).__name__, exc)
+                    await reset_after(self.redis, exc)
                 await backoff.wait(self.stop)
             except (RedisError, OSError) as exc:
-                log.warning("sink cannot reach redis: %s", exc)
+                log.warning("sink cannot reach redis: %s: %s", type(exc).__name__, exc)
+                await reset_after(self.redis, exc)
                 await backoff.wait(self.stop)
 
     async def _claim(self, key: str) -> list[Any]:

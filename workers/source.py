@@ -30,6 +30,7 @@ from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 
 from gateway.protocol import JSON_MEDIA_TYPE, ProblemError
+from gateway.redis_client import reset_after
 from gateway.store import Store
 
 from .process import Backoff
@@ -111,8 +112,9 @@ class SourceWorker:
                 await self._lead_and_publish()
                 backoff.reset()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError, TimeoutError) as exc:
-                log.warning("source interrupted: %s", exc)
+                log.warning("source interrupted: %s: %s", type(exc).__name__, exc)
                 self.leader = False
+                await reset_after(self.store.redis, exc)
                 await backoff.wait(self.stop)
 
     async def _lead_and_publish(self) -> None:
