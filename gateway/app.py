@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,6 +30,18 @@ from .settings import Settings
 from .store import Store
 
 log = logging.getLogger("dsgw.app")
+access = logging.getLogger("dsgw.access")
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's X-Request-Id when it is a sane token, else a new one."""
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            if 0 < len(value) <= 64 and value.isascii() and value.decode().isprintable():
+                return value.decode()
+            break
+    return uuid.uuid4().hex[:16]
+
 
 # Request headers a browser client sends, and response headers it must be able to read.
 CORS_ALLOW_HEADERS = (
@@ -100,10 +113,12 @@ class Gateway:
 
 class EdgeMiddleware:
     """Security headers and CORS on every response, OPTIONS preflights, request
-    ids, and a problem body (never a bare 500) for storage outages."""
+    ids (X-Request-Id, in every log line of the request), the access log, and
+    the log line of any unhandled error."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
+        self.access_log = settings.access_log
         origins = settings.cors_origins
         self.any_origin = "*" in origins
         self.origins = {o.encode() for o in origins}
@@ -112,12 +127,6 @@ class EdgeMiddleware:
             (b"cross-origin-resource-policy", settings.cross_origin_resource_policy.encode()),
             (b"access-control-expose-headers", CORS_EXPOSE_HEADERS.encode()),
         ]
-
-    @staticmethod
-    def gateway_redis(scope: Scope) -> Any:
-        app = scope.get("app")
-        gateway = getattr(getattr(app, "state", None), "gateway", None)
-        return getattr(gateway, "redis", None)
 
     def _cors(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         if self.any_origin:
@@ -131,7 +140,17 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        extra = self.static + self._cors(scope)
+        rid = _request_id(scope)
+        token = logs.request_id.set(rid)
+        extra = [*self.static, *self._cors(scope), (b"x-request-id", rid.encode())]
+        try:
+            await self._handle(scope, receive, send, extra)
+        finally:
+            logs.request_id.reset(token)
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, extra: list[tuple[bytes, bytes]]
+    ) -> None:
         if scope["method"] == "OPTIONS":
             await send(
                 {
@@ -149,30 +168,31 @@ class EdgeMiddleware:
             return
 
         started = False
+        status = 0
+        begun = time.perf_counter()
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
                 started = True
+                status = message["status"]
                 message["headers"] = list(message.get("headers", [])) + extra
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_headers)
-        except RedisError as exc:
-            log.warning("storage unavailable: %s: %s", type(exc).__name__, exc)
-            await reset_after(self.gateway_redis(scope), exc)
-            if not started:
-                await problem(503, "Storage unavailable", type(exc).__name__)(
-                    scope, receive, send_with_headers
-                )
         except Exception:
-            request_id = uuid.uuid4().hex[:16]
-            log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+            log.exception("unhandled error")
             if not started:
-                await problem(500, "Internal error", f"request {request_id}")(
-                    scope, receive, send_with_headers
-                )
+                rid = logs.request_id.get() or ""
+                await problem(500, "Internal error", f"request {rid}")(scope, receive, send_with_headers)
+        finally:
+            if self.access_log:
+                access.info(
+                    "request",
+                    extra={"fields": {"method": scope["method"], "path": scope["path"], "status": status,
+                                      "ms": round((time.perf_counter() - begun) * 1000, 2)}},
+                )  # fmt: skip
 
 
 def create_app(settings: Settings | None = None) -> Any:
@@ -203,6 +223,19 @@ def create_app(settings: Settings | None = None) -> Any:
         openapi_url=None,
     )
     app.state.gateway = gateway
+
+    async def storage_unavailable(request: Request, exc: Exception) -> Response:
+        # Inside the app, so Starlette's catch-all does not turn it into a 500.
+        log.warning("storage unavailable: %s: %s", type(exc).__name__, exc)
+        await reset_after(gateway.redis, exc)
+        return problem(503, "Storage unavailable", type(exc).__name__)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # A problem body even for a bug; EdgeMiddleware logs the traceback.
+        return problem(500, "Internal error", f"request {logs.request_id.get() or ''}")
+
+    app.add_exception_handler(RedisError, storage_unavailable)
+    app.add_exception_handler(Exception, internal_error)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -53,6 +53,11 @@ class Watch:
         self._recheck_s = recheck_s
 
     @property
+    def version(self) -> int:
+        """The latest notification this watch has taken into account."""
+        return self._seen
+
+    @property
     def notified_at(self) -> float:
         """monotonic() time of the channel's latest notification."""
         return self._channel.notified_at

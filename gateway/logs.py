@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
+
+# The id of the HTTP request being served, added to every log line written for it.
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,6 +21,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        rid = request_id.get()
+        if rid:
+            entry["request_id"] = rid
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
             entry.update(extra)

@@ -4,10 +4,12 @@ and validation machinery."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
@@ -69,6 +71,7 @@ class StreamRoutes:
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
         self.settings = gateway.settings
+        self._reads_in_flight: dict[tuple[str, EntryId, int], asyncio.Future[ReadResult]] = {}
 
     async def endpoint(self, request: Request) -> Response:
         method = request.method
@@ -338,6 +341,21 @@ class StreamRoutes:
         )
         return result
 
+    async def _live_read(self, name: str, after: EntryId, version: int) -> ReadResult:
+        """A live reader's re-read. Readers of one stream woken together mostly
+        wait at the same offset: they share one Redis read (single flight), so a
+        wake costs one read per replica, not one per reader. `version` is the
+        notification the reader has seen: it only shares a read started after
+        that notification, which therefore sees the append behind it."""
+        key = (name, after, version)
+        pending = self._reads_in_flight.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read(name, after, touch=False))
+            self._reads_in_flight[key] = pending
+            pending.add_done_callback(lambda _: self._reads_in_flight.pop(key, None))
+        # shield: one reader going away must not cancel the read for the others.
+        return await asyncio.shield(pending)
+
     def _now_response(self, result: ReadResult) -> Response:
         meta = result.meta
         headers = {
@@ -397,7 +415,15 @@ class StreamRoutes:
                 while True:
                     # Re-read once the watch is in place: an append between the
                     # first read and the watch would otherwise go unnoticed.
-                    result = await self._read(name, after, touch=False)
+                    try:
+                        result = await self._live_read(name, after, watch.version)
+                    except RedisError:
+                        # Redis away for a moment (restart, failover): keep the
+                        # reader waiting and try again, up to its deadline.
+                        if time.monotonic() >= deadline:
+                            raise
+                        await asyncio.sleep(0.2)
+                        continue
                     if result.entries:
                         if watch.notified_at:
                             metrics.FANOUT_DELAY.observe(time.monotonic() - watch.notified_at)
@@ -494,8 +520,10 @@ class StreamRoutes:
                             )
                             since_event = time.monotonic()
                     try:
-                        result = await self._read(name, after, touch=False)
-                    except ProblemError:
-                        return  # deleted or expired while we watched
+                        result = await self._live_read(name, after, watch.version)
+                    except (ProblemError, RedisError):
+                        # Deleted or expired while we watched, or Redis is away:
+                        # end cleanly; the client resumes from its last offset.
+                        return
         finally:
             metrics.LIVE_READERS.labels("sse").dec()

@@ -50,6 +50,8 @@ class Settings:
     cross_origin_resource_policy: str = "cross-origin"
     # Log level for the one-line JSON logs.
     log_level: str = "INFO"
+    # One log line per HTTP request (off by default: it costs more than an append).
+    access_log: bool = False
     # JSON streams whose messages the Postgres sink receives: comma-separated
     # globs on the stream name, decided when a stream is created; "-" for none.
     sink_streams: list[str] = field(default_factory=lambda: ["*"])
@@ -75,6 +77,7 @@ class Settings:
                 "DSGW_CROSS_ORIGIN_RESOURCE_POLICY", cls.cross_origin_resource_policy
             ),
             log_level=_str("DSGW_LOG_LEVEL", cls.log_level).upper(),
+            access_log=_str("DSGW_ACCESS_LOG", "false").lower() in ("1", "true", "yes"),
             sink_streams=[p for p in _list("DSGW_SINK_STREAMS", ["*"]) if p != "-"],
         )
 

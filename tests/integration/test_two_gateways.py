@@ -173,3 +173,38 @@ async def test_reader_sees_deletion_and_recreation_cleanly(gateway, unique, mode
         assert (await client.get(url, params={"offset": "-1", "live": mode})).status_code == 404
         await client.put(url, headers=TEXT, content=b"new")
         assert (await client.get(url)).content == b"new"
+
+
+def _read_calls(metrics_text: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith('dsgw_redis_call_seconds_count{op="read"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_a_wake_costs_one_read_per_replica_not_one_per_reader(redis_server, tmp_path_factory, unique):
+    from tests.conftest import start_gateway
+
+    gw = start_gateway(
+        redis_server.url,
+        tmp_path_factory.mktemp("fanout"),
+        DSGW_LONG_POLL_TIMEOUT_MS="20000",
+        DSGW_LIVE_RECHECK_MS="60000",
+    )
+    try:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)) as client:
+            url = gw.stream_url(unique)
+            await client.put(url, headers=TEXT)
+            polls = [
+                asyncio.create_task(client.get(url, params={"offset": "now", "live": "long-poll"}))
+                for _ in range(60)
+            ]
+            await asyncio.sleep(1.0)
+            before = _read_calls((await client.get(gw.url + "/metrics")).text)
+            await client.post(url, headers=TEXT, content=b"one")
+            responses = await asyncio.gather(*polls)
+            after = _read_calls((await client.get(gw.url + "/metrics")).text)
+        assert [r.content for r in responses] == [b"one"] * 60
+        assert after - before <= 3, f"{after - before} reads for one wake of 60 readers"
+    finally:
+        gw.stop()
