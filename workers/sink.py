@@ -48,7 +48,8 @@ ROWS = Counter("dsgw_sink_rows_total", "Messages written to session_events (conf
 REJECTED = Counter("dsgw_sink_rejected_total", "Messages Postgres refused, kept in session_events_rejected")
 LAG = Histogram(
     "dsgw_sink_lag_seconds",
-    "From the append in Redis to the commit in Postgres",
+    "From the append in Redis to the commit in Postgres, per feed shard",
+    ["shard"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 PENDING = Gauge("dsgw_sink_pending_entries", "Feed entries delivered but not yet acknowledged", ["shard"])
@@ -157,7 +158,7 @@ class SinkWorker:
                     )
                     entries = reply[0][1] if reply else []
                 if entries:
-                    await self._process(key, entries)
+                    await self._process(shard, key, entries)
                 if now - last_trim > TRIM_EVERY_S:
                     last_trim = now
                     await self._trim(shard, key)
@@ -190,7 +191,7 @@ class SinkWorker:
             log.info("claimed stale entries", extra={"fields": {"feed": key, "count": len(claimed)}})
         return claimed
 
-    async def _process(self, key: str, entries: list[Any]) -> None:
+    async def _process(self, shard: int, key: str, entries: list[Any]) -> None:
         rows: list[Row] = []
         unreadable: list[tuple[bytes, dict[bytes, bytes] | None, str]] = []
         for entry_id, fields in entries:
@@ -217,8 +218,9 @@ class SinkWorker:
                 await backoff.wait(self.stop)
         await self.redis.xack(key, GROUP, *[entry_id for entry_id, _ in entries])
         now = time.time()
+        lag = LAG.labels(str(shard))
         for row in rows:
-            LAG.observe(max(0.0, now - row[6].timestamp()))
+            lag.observe(max(0.0, now - row[6].timestamp()))
         ROWS.inc(len(rows))
 
     async def _write(self, rows: list[Row], unreadable: list[tuple[bytes, Any, str]]) -> None:
