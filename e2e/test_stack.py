@@ -18,21 +18,13 @@ import httpx
 from e2e import stack as stack_module
 from e2e.bench_fanout import measure, report
 from e2e.conformance import EXPECTED_TESTS, run_suite
+from tests.conftest import wait_until
 
 JSON = {"content-type": "application/json"}
 
 
 def new_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-async def wait_until(predicate, timeout_s: float = 30.0, every_s: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(every_s)
 
 
 def test_the_stack_is_three_replicas_on_a_cluster(stack):

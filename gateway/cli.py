@@ -139,14 +139,9 @@ class _Child:
         self.proc = proc
 
     def stop(self) -> None:
-        import subprocess
+        from .embedded import stop_child
 
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_child(self.proc)
 
 
 worker_app = typer.Typer(help="Postgres sync workers.", no_args_is_help=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -75,6 +76,18 @@ def wait_for_port(port: int, timeout_s: float = 15.0, proc: subprocess.Popen | N
     raise EmbeddedError(f"nothing listening on port {port} after {timeout_s}s")
 
 
+def stop_child(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
+    """Ask a child process to stop (`sig`), SIGKILL it if it hangs; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def die_with_parent() -> None:
     """preexec_fn: the kernel sends SIGTERM to the child if its parent dies,
     so an embedded server never outlives a killed `dsgw dev`."""
@@ -99,14 +112,8 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM (Redis then fsyncs its AOF and exits), SIGKILL if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """SIGTERM: Redis fsyncs its AOF and exits."""
+        stop_child(self.proc, signal.SIGTERM, timeout_s)
 
 
 def start_redis(
@@ -239,13 +246,7 @@ class PostgresProcess:
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGINT is Postgres's fast shutdown: abort sessions, checkpoint, exit."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(2)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_child(self.proc, signal.SIGINT, timeout_s)
 
 
 def start_postgres(

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 
-def _int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip()
     return int(raw) if raw else default
 
@@ -63,15 +63,15 @@ class Settings:
     def from_env(cls) -> Settings:
         return cls(
             redis_url=_str("REDIS_URL", ""),
-            redis_max_connections=_int("DSGW_REDIS_MAX_CONNECTIONS", cls.redis_max_connections),
+            redis_max_connections=env_int("DSGW_REDIS_MAX_CONNECTIONS", cls.redis_max_connections),
             redis_pool_timeout_s=float(_str("DSGW_REDIS_POOL_TIMEOUT_S", str(cls.redis_pool_timeout_s))),
-            long_poll_timeout_ms=_int("DSGW_LONG_POLL_TIMEOUT_MS", cls.long_poll_timeout_ms),
-            sse_max_lifetime_ms=_int("DSGW_SSE_MAX_LIFETIME_MS", cls.sse_max_lifetime_ms),
-            sse_keepalive_ms=_int("DSGW_SSE_KEEPALIVE_MS", cls.sse_keepalive_ms),
-            live_recheck_ms=_int("DSGW_LIVE_RECHECK_MS", cls.live_recheck_ms),
-            max_body_bytes=_int("DSGW_MAX_BODY_BYTES", cls.max_body_bytes),
-            read_chunk_bytes=_int("DSGW_READ_CHUNK_BYTES", cls.read_chunk_bytes),
-            read_chunk_entries=_int("DSGW_READ_CHUNK_ENTRIES", cls.read_chunk_entries),
+            long_poll_timeout_ms=env_int("DSGW_LONG_POLL_TIMEOUT_MS", cls.long_poll_timeout_ms),
+            sse_max_lifetime_ms=env_int("DSGW_SSE_MAX_LIFETIME_MS", cls.sse_max_lifetime_ms),
+            sse_keepalive_ms=env_int("DSGW_SSE_KEEPALIVE_MS", cls.sse_keepalive_ms),
+            live_recheck_ms=env_int("DSGW_LIVE_RECHECK_MS", cls.live_recheck_ms),
+            max_body_bytes=env_int("DSGW_MAX_BODY_BYTES", cls.max_body_bytes),
+            read_chunk_bytes=env_int("DSGW_READ_CHUNK_BYTES", cls.read_chunk_bytes),
+            read_chunk_entries=env_int("DSGW_READ_CHUNK_ENTRIES", cls.read_chunk_entries),
             cors_origins=_list("DSGW_CORS_ORIGINS", ["*"]),
             cross_origin_resource_policy=_str(
                 "DSGW_CROSS_ORIGIN_RESOURCE_POLICY", cls.cross_origin_resource_policy

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from gateway.embedded import (
     free_port,
     start_postgres,
     start_redis,
+    stop_child,
     wait_for_port,
 )
 
@@ -41,14 +43,7 @@ class GatewayProcess:
         return f"{self.url}/v1/stream/{name}"
 
     def stop(self, timeout_s: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_child(self.proc, timeout_s=timeout_s)
 
 
 def start_gateway(redis_url: str, log_dir: Path, **env: str) -> GatewayProcess:
@@ -70,6 +65,17 @@ def start_gateway(redis_url: str, log_dir: Path, **env: str) -> GatewayProcess:
         stdin=subprocess.DEVNULL,
     )
     wait_for_port(port, proc=proc)
+    # Listening comes before the live subscription is up: wait for /readyz.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"gateway on {port} never became ready; see {log_path}")
+        time.sleep(0.02)
     return GatewayProcess(proc, port, log_path)
 
 
@@ -86,14 +92,7 @@ class WorkerProcess:
     log_path: Path
 
     def stop(self, timeout_s: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_child(self.proc, timeout_s=timeout_s)
 
     def kill(self) -> None:
         self.proc.kill()
@@ -151,6 +150,19 @@ def gateway_b(
 def http() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=10) as client:
         yield client
+
+
+async def wait_until(predicate, timeout_s: float = 30.0, every_s: float = 0.1):  # type: ignore[no-untyped-def]
+    """Await `predicate()` until it returns something truthy (or time runs out); its last value."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(every_s)
 
 
 @pytest.fixture

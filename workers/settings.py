@@ -6,10 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else default
+from gateway.settings import env_int
 
 
 @dataclass(frozen=True)
@@ -35,11 +32,11 @@ class WorkerSettings:
         return cls(
             redis_url=os.environ.get("REDIS_URL", ""),
             database_url=os.environ.get("DATABASE_URL", ""),
-            sink_batch=_int("DSGW_SINK_BATCH", cls.sink_batch),
-            sink_block_ms=_int("DSGW_SINK_BLOCK_MS", cls.sink_block_ms),
-            sink_claim_idle_ms=_int("DSGW_SINK_CLAIM_IDLE_MS", cls.sink_claim_idle_ms),
-            source_batch=_int("DSGW_SOURCE_BATCH", cls.source_batch),
-            metrics_port=_int("DSGW_WORKER_METRICS_PORT", cls.metrics_port),
+            sink_batch=env_int("DSGW_SINK_BATCH", cls.sink_batch),
+            sink_block_ms=env_int("DSGW_SINK_BLOCK_MS", cls.sink_block_ms),
+            sink_claim_idle_ms=env_int("DSGW_SINK_CLAIM_IDLE_MS", cls.sink_claim_idle_ms),
+            source_batch=env_int("DSGW_SOURCE_BATCH", cls.source_batch),
+            metrics_port=env_int("DSGW_WORKER_METRICS_PORT", cls.metrics_port),
             metrics_host=os.environ.get("DSGW_WORKER_METRICS_HOST", "") or cls.metrics_host,
             consumer_name=os.environ.get("DSGW_CONSUMER_NAME", "") or f"{socket.gethostname()}-{os.getpid()}",
         )

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
@@ -16,19 +15,10 @@ import pytest
 import redis
 
 from gateway.keys import SHARDS, feed_key
-from tests.conftest import WorkerProcess, start_worker
+from tests.conftest import WorkerProcess, start_worker, wait_until
 
 JSON = {"content-type": "application/json"}
 FAST_CLAIM = {"DSGW_SINK_CLAIM_IDLE_MS": "1500", "DSGW_SINK_BLOCK_MS": "200"}
-
-
-async def wait_until(predicate, timeout_s: float = 30.0, every_s: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(every_s)
 
 
 @pytest.fixture
