@@ -135,7 +135,7 @@ class LiveHub:
             if channel.readers == 0:
                 channel.idle_since = time.monotonic()
 
-    async def _subscribe(self, *names: str) -> None:
+    async def _subscribe(self, *names: str, reconnecting: bool = False) -> None:
         if self._pubsub is None or not names:
             return
         try:
@@ -143,7 +143,10 @@ class LiveHub:
                 await self._pubsub.ssubscribe(*names)
             else:
                 await self._pubsub.subscribe(*names)
-        except Exception as exc:  # the run loop reconnects and resubscribes
+        except Exception as exc:
+            if reconnecting:
+                raise  # the run loop starts over
+            # A new watch: the run loop notices a broken connection and resubscribes.
             log.warning("subscribe failed: %s", exc)
         if self._cluster and self._sharded:
             self._start_node_readers()
@@ -198,7 +201,7 @@ class LiveHub:
             # (and its liveness visible to PING) even when no stream has readers.
             # Sharded subscriptions on a cluster open per-node connections as needed.
             await pubsub.subscribe("ds:__hub__")
-        await self._subscribe(*self._channels)
+        await self._subscribe(*self._channels, reconnecting=True)
         self._ready = True
         # Whatever was published while we were away: every reader re-reads.
         for channel in self._channels.values():
@@ -247,7 +250,10 @@ class LiveHub:
             self.notifications += 1
             channel.bump()
         elif kind in ("subscribe", "ssubscribe"):
+            # From now on no append on this stream goes unnoticed; one made while
+            # the subscription was being (re)established is caught by a re-read.
             channel.confirmed.set()
+            channel.bump()
 
     async def _unsubscribe_idle(self, now: float) -> None:
         idle = [
