@@ -25,7 +25,9 @@ def test_request_ids_are_echoed_or_made_and_logged(redis_server, tmp_path, uniqu
     finally:
         gw.stop()
     lines = [json.loads(line) for line in gw.log_path.read_text().splitlines() if line.startswith("{")]
-    access = [line for line in lines if line["logger"] == "dsgw.access" and line["path"].startswith("/v1/stream/")]
+    access = [
+        line for line in lines if line["logger"] == "dsgw.access" and line["path"].startswith("/v1/stream/")
+    ]
     assert {"request_id": "req-42", "method": "PUT", "status": 201}.items() <= access[0].items()
     assert len(access) == 3 and all(isinstance(line["ms"], float) for line in access)
 
