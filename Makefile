@@ -51,8 +51,10 @@ stack-down: ## Stop exactly what `make stack` started
 e2e: install ## Through the load balancer on a 3-master cluster: conformance, cross-replica delivery, kills, drains, sync scenarios
 	$(PY) -m pytest e2e -p no:cacheprovider
 
-bench: $(STAMP) ## Benchmarks: Postgres sync (sink throughput and lag, source lag), with same-run baselines
+bench: install ## Benchmarks with same-run baselines: appends vs the reference server, Postgres sync, live fan-out
+	$(PY) -m e2e.bench_append
 	$(PY) -m e2e.bench_sync
+	$(PY) -m e2e.bench_fanout
 
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check gateway workers tests e2e

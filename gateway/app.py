@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__, logs, metrics
 from .live import LiveHub
 from .redis_client import connect, reset_after
-from .routes import StreamRoutes, problem
+from .routes import STREAM_PREFIX, StreamRoutes, problem
 from .settings import Settings
 from .store import Store
 
@@ -116,8 +116,11 @@ class EdgeMiddleware:
     ids (X-Request-Id, in every log line of the request), the access log, and
     the log line of any unhandled error."""
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, streams: StreamRoutes) -> None:
         self.app = app
+        # Stream requests go straight to their handlers: FastAPI's routing and
+        # middleware layers cost more than the rest of an append together.
+        self.streams = streams
         self.access_log = settings.access_log
         origins = settings.cors_origins
         self.any_origin = "*" in origins
@@ -180,7 +183,10 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            if scope["path"].startswith(STREAM_PREFIX):
+                await self._stream(scope, receive, send_with_headers)
+            else:
+                await self.app(scope, receive, send_with_headers)
         except Exception:
             log.exception("unhandled error")
             if not started:
@@ -193,6 +199,20 @@ class EdgeMiddleware:
                     extra={"fields": {"method": scope["method"], "path": scope["path"], "status": status,
                                       "ms": round((time.perf_counter() - begun) * 1000, 2)}},
                 )  # fmt: skip
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["path_params"] = {"name": scope["path"][len(STREAM_PREFIX) :]}
+        try:
+            response = await self.streams.endpoint(Request(scope, receive))
+        except RedisError as exc:
+            response = await storage_unavailable(self.streams.gw, exc)
+        await response(scope, receive, send)
+
+
+async def storage_unavailable(gateway: Gateway, exc: Exception) -> Response:
+    log.warning("storage unavailable: %s: %s", type(exc).__name__, exc)
+    await reset_after(gateway.redis, exc)
+    return problem(503, "Storage unavailable", type(exc).__name__)
 
 
 def create_app(settings: Settings | None = None) -> Any:
@@ -224,17 +244,15 @@ def create_app(settings: Settings | None = None) -> Any:
     )
     app.state.gateway = gateway
 
-    async def storage_unavailable(request: Request, exc: Exception) -> Response:
+    async def redis_error(request: Request, exc: Exception) -> Response:
         # Inside the app, so Starlette's catch-all does not turn it into a 500.
-        log.warning("storage unavailable: %s: %s", type(exc).__name__, exc)
-        await reset_after(gateway.redis, exc)
-        return problem(503, "Storage unavailable", type(exc).__name__)
+        return await storage_unavailable(gateway, exc)
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         # A problem body even for a bug; EdgeMiddleware logs the traceback.
         return problem(500, "Internal error", f"request {logs.request_id.get() or ''}")
 
-    app.add_exception_handler(RedisError, storage_unavailable)
+    app.add_exception_handler(RedisError, redis_error)
     app.add_exception_handler(Exception, internal_error)
 
     async def healthz(request: Request) -> Response:
@@ -256,11 +274,6 @@ def create_app(settings: Settings | None = None) -> Any:
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
-            Route(
-                "/v1/stream/{name:path}",
-                routes.endpoint,
-                methods=["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH"],
-            ),
         ]
     )
-    return EdgeMiddleware(app, settings)
+    return EdgeMiddleware(app, settings, routes)
