@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -70,13 +71,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         redis = start_redis(Path(tmp), persistent=False)
         gw_port = free_port()
-        env = {"REDIS_URL": redis.url, "DSGW_LOG_LEVEL": "WARNING", "PATH": str(Path(sys.executable).parent)}
-        import os
-
+        serve = ["serve", "--port", str(gw_port), "--workers", str(args.workers)]
         gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(gw_port), "--workers", str(args.workers)],
+            [sys.executable, "-m", "gateway.cli", *serve],
             cwd=ROOT,
-            env={**os.environ, **env},
+            env={**os.environ, "REDIS_URL": redis.url, "DSGW_LOG_LEVEL": "WARNING"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
