@@ -66,6 +66,6 @@ format: $(STAMP) ## Apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff format gateway workers tests e2e
 
 clean: ## Remove the virtualenv, node_modules and caches (keeps ./data)
-	rm -rf $(VENV) e2e/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) e2e/node_modules e2e/bench/node_modules .pytest_cache .mypy_cache .ruff_cache
 
 .PHONY: help install run serve test test-unit test-integration conformance stack stack-down e2e bench lint format clean

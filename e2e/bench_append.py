@@ -23,13 +23,22 @@ from pathlib import Path
 import httpx
 
 E2E_DIR = Path(__file__).resolve().parent
+BENCH_DIR = E2E_DIR / "bench"  # npm tools for benchmarks only (e2e/bench/package.json)
 ROOT = E2E_DIR.parent
 sys.path.insert(0, str(ROOT))
 
-from e2e.conformance import ensure_node_modules  # noqa: E402
 from gateway.embedded import free_port, start_redis, stop_child, wait_for_port  # noqa: E402
 
 BODY = '{"type":"chat","key":"m","text":"hello"}'
+
+
+def ensure_bench_tools() -> None:
+    # `npm install`, not `npm ci`: the reference server pulls in optional
+    # per-platform packages that npm leaves out of the lockfile.
+    if not (BENCH_DIR / "node_modules" / "autocannon").exists():
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=BENCH_DIR, check=True
+        )
 
 
 def load(url: str, seconds: int, connections: int) -> dict:
@@ -37,7 +46,7 @@ def load(url: str, seconds: int, connections: int) -> dict:
         "npx", "--no-install", "autocannon", "--json", "-c", str(connections), "-d", str(seconds),
         "-m", "POST", "-H", "content-type=application/json", "-b", BODY, url,
     ]  # fmt: skip
-    out = subprocess.run(args, cwd=E2E_DIR, capture_output=True, text=True, timeout=seconds + 60).stdout
+    out = subprocess.run(args, cwd=BENCH_DIR, capture_output=True, text=True, timeout=seconds + 60).stdout
     return json.loads(out)
 
 
@@ -56,11 +65,11 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1, help="gateway processes")
     args = parser.parse_args()
-    ensure_node_modules()
+    ensure_bench_tools()
 
     port = free_port()
     reference = subprocess.Popen(
-        ["node", "reference_server.mjs", str(port)], cwd=E2E_DIR, stdout=subprocess.DEVNULL
+        ["node", "reference_server.mjs", str(port)], cwd=BENCH_DIR, stdout=subprocess.DEVNULL
     )
     try:
         wait_for_port(port, proc=reference)
