@@ -13,6 +13,8 @@ Layout for the stream ``chat/room-1`` in shard 7::
     ds:{s07}:chat/room-1:data    STREAM  the messages; entry ID <-> DS offset (see offsets.py)
     ds:{s07}:chat/room-1:prod    HASH    idempotent producers: id -> "epoch seq updated_ms"
     ds:{s07}:chat/room-1:forks   SET     names of the forks that still read through this stream
+    ds:{s07}:chat/room-1:tomb    STRING  last entry ID of a removed stream (10 min): a re-created
+                                         stream continues above it, so offsets never repeat
     ds:{s07}:chat/room-1:notify  channel published by every write, for live readers
     dsfeed:{s07}                 STREAM  sync feed of shard 7: one entry per append to a synced stream
 
@@ -54,6 +56,7 @@ class StreamKeys:
     producers: str
     forks: str
     feed: str
+    tombstone: str
     channel: str
 
     @property
@@ -63,8 +66,8 @@ class StreamKeys:
 
     @property
     def all(self) -> list[str]:
-        """KEYS for the scripts: meta, data, producers, forks, feed (one slot)."""
-        return [self.meta, self.data, self.producers, self.forks, self.feed]
+        """KEYS for the scripts: meta, data, producers, forks, feed, tombstone (one slot)."""
+        return [self.meta, self.data, self.producers, self.forks, self.feed, self.tombstone]
 
 
 def stream_keys(name: str) -> StreamKeys:
@@ -78,6 +81,7 @@ def stream_keys(name: str) -> StreamKeys:
         producers=f"{base}:prod",
         forks=f"{base}:forks",
         feed=feed_key(shard),
+        tombstone=f"{base}:tomb",
         channel=f"{base}:notify",
     )
 

@@ -3,7 +3,7 @@
 -- in one atomic step. A refused append changes nothing.
 --
 -- Input:
---   KEYS[1..5] meta, data, producers, forks of the stream, and its shard's sync feed
+--   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the stream
 --   ARGV[1] media type of the request (lowercased, no parameters)
 --   ARGV[2] '1' to close the stream with this append, else ''
 --   ARGV[3] Stream-Seq, or ''

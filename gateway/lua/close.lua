@@ -3,7 +3,7 @@
 -- close is sequenced like an append, so a retry is recognised.
 --
 -- Input:
---   KEYS[1..5] meta, data, producers, forks of the stream, and its shard's sync feed
+--   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the stream
 --   ARGV[1] Producer-Id, or '' (then ARGV[2], ARGV[3] are ignored)
 --   ARGV[2] Producer-Epoch
 --   ARGV[3] Producer-Seq

@@ -3,7 +3,7 @@
 -- the source; the fork's own entries start above the fork offset.
 --
 -- Input:
---   KEYS[1..5] meta, data, producers, forks of the new stream, and its shard's sync feed
+--   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the new stream
 --   ARGV[1]  content type as sent (stored and echoed byte-exact)
 --   ARGV[2]  media type (lowercased, no parameters), compared on re-create
 --   ARGV[3]  '1' for JSON mode, else ''
@@ -79,11 +79,21 @@ put('exp', ARGV[6])
 put('src', ARGV[8])
 put('fofs', ARGV[9])
 put('fsub', ARGV[11])
-if ARGV[9] ~= '' and ARGV[9] ~= '0-0' then
-  -- An empty stream whose last ID is the fork offset: XADD '*' then hands
-  -- out IDs above it. MAXLEN 0 drops the placeholder entry at once.
-  redis.call('XADD', KEYS[2], 'MAXLEN', '0', ARGV[9], 'fork', ARGV[8])
+-- The stream's own entries start above the fork offset, and above the last
+-- entry of a removed stream of the same name (the tombstone).
+local floor = '0-0'
+if ARGV[9] ~= '' then
+  floor = ARGV[9]
   tail = ARGV[9]
+end
+local tombstone = redis.call('GET', KEYS[6])
+if tombstone and not bytes_le(id_key(tombstone), id_key(floor)) then
+  floor = tombstone
+end
+if floor ~= '0-0' then
+  -- An empty stream whose last ID is the floor: XADD '*' then hands out IDs
+  -- above it. MAXLEN 0 drops the placeholder entry at once.
+  redis.call('XADD', KEYS[2], 'MAXLEN', '0', floor, 'floor', '')
 end
 
 local nm = {json = (ARGV[3] ~= '') or nil, sink = (ARGV[15] ~= '') or nil, name = ARGV[14]}

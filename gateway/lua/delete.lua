@@ -3,7 +3,7 @@
 -- last fork (fork_release.lua).
 --
 -- Input:
---   KEYS[1..5] meta, data, producers, forks of the stream, and its shard's sync feed
+--   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the stream
 --   ARGV[1] publish command: 'PUBLISH' or 'SPUBLISH'
 --   ARGV[2] notification channel
 --
@@ -24,6 +24,6 @@ if redis.call('SCARD', KEYS[4]) > 0 then
   redis.call(ARGV[1], ARGV[2], 'deleted')
   return {'soft'}
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+drop_stream(m)
 redis.call(ARGV[1], ARGV[2], 'deleted')
 return {'deleted', m.src or ''}

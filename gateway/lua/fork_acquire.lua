@@ -3,7 +3,7 @@
 -- Runs on the source's slot; create.lua then runs on the fork's.
 --
 -- Input:
---   KEYS[1..5] meta, data, producers, forks of the SOURCE stream, and its shard's sync feed
+--   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the SOURCE stream
 --   ARGV[1] name of the fork
 --   ARGV[2] media type the fork asks for, or '' to inherit
 --   ARGV[3] fork offset as an entry ID, or '' for the source's tail

@@ -3,7 +3,7 @@
 -- last fork goes is removed, and the caller continues up the chain.
 --
 -- Input:
---   KEYS[1..5] meta, data, producers, forks of the SOURCE stream, and its shard's sync feed
+--   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the SOURCE stream
 --   ARGV[1] name of the fork
 --
 -- Output:
@@ -22,7 +22,7 @@ if redis.call('SCARD', KEYS[4]) > 0 then
   return {'kept'}
 end
 if m.deleted or is_expired(m, now_ms()) then
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  drop_stream(m)
   return {'deleted', m.src or ''}
 end
 set_key_expiry(m)

@@ -2,7 +2,7 @@
 -- expiry in the same step; optionally restarts a sliding TTL.
 --
 -- Input:
---   KEYS[1..5] meta, data, producers, forks of the stream, and its shard's sync feed
+--   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the stream
 --   ARGV[1] read entries with IDs above this one ('ms-seq'), or '' for metadata only
 --   ARGV[2] at most this many entries
 --   ARGV[3] '1' to count this as an access (restarts a sliding TTL), else ''

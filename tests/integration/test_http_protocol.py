@@ -236,3 +236,18 @@ def test_health_and_metrics(gateway, http):
     assert ready.status_code == 200 and ready.json()["subscription"] is True
     metrics = http.get(gateway.url + "/metrics").text
     assert "dsgw_responses_total" in metrics
+
+
+def test_a_recreated_stream_never_repeats_an_offset_of_the_removed_one(gateway, http, unique, r):
+    url = gateway.stream_url(unique)
+    keys = stream_keys(unique)
+    http.put(url, headers=JSON, content=b"[1]")
+    # Pretend the old stream's last entry is far ahead of the clock (clock
+    # skew, or simply the same millisecond as the re-created stream's first).
+    r.xadd(keys.data, {"json": "2"}, id="9999999999999-5")
+    r.hset(keys.meta, "tail", "9999999999999-5")
+    assert http.delete(url).status_code == 204
+    assert http.put(url, headers=JSON).headers["stream-next-offset"] == "0000000000000000_0000000000000000"
+    appended = http.post(url, headers=JSON, content=b"[3]")
+    assert appended.headers["stream-next-offset"] > "0009999999999999_0000000000000005"
+    assert http.get(url).json() == [3]

@@ -4,6 +4,7 @@
 -- share the shard's hash tag):
 --   KEYS[1] meta (HASH)   KEYS[2] data (STREAM)   KEYS[3] producers (HASH)
 --   KEYS[4] forks (SET)   KEYS[5] the shard's sync feed (STREAM)
+--   KEYS[6] tombstone (STRING): last entry ID of a removed stream of this name
 --
 -- Meta fields: name (the stream's name), sink ('1': appends go to the sync
 -- feed), ct (content type as sent), mt (media type: lowercased, no
@@ -93,6 +94,18 @@ local function set_key_expiry(m)
   end
 end
 
+-- Remove a stream, leaving its last entry ID behind for a while: a stream
+-- created again under the same name starts above it, so a name's offsets
+-- (and the sink's (stream_name, ds_offset) rows) never repeat, even when the
+-- new stream's first append lands in the same millisecond as the old last one.
+local TOMBSTONE_MS = 600000
+local function drop_stream(m)
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  if m.tail and m.tail ~= '0-0' then
+    redis.call('SET', KEYS[6], m.tail, 'PX', TOMBSTONE_MS)
+  end
+end
+
 -- A sliding TTL restarts on every read and write (never on HEAD).
 local function touch(m, now)
   if m.ttl then
@@ -118,7 +131,7 @@ local function stream_state(now)
       redis.call('HSET', KEYS[1], 'deleted', '1')
       return 'gone', m
     end
-    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+    drop_stream(m)
     return 'expired', m
   end
   return 'live', m
