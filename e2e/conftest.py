@@ -15,6 +15,9 @@ STACK_ENV = {
     "DSGW_LONG_POLL_TIMEOUT_MS": "500",
     "DSGW_SSE_MAX_LIFETIME_MS": "10000",
     "DSGW_SINK_CLAIM_IDLE_MS": "2000",
+    # Long re-checks: a live reader that gets its message fast was woken by a
+    # notification, not by the periodic re-read.
+    "DSGW_LIVE_RECHECK_MS": "30000",
 }
 
 

@@ -184,15 +184,24 @@ async def test_postgres_insert_reaches_a_stream_and_round_trips_to_session_event
     pg = await asyncpg.connect(stack.database_url)
     try:
         await pg.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, title text)")
-        await _publish(stack, table, stream)
-        await pg.execute(f"INSERT INTO {table} VALUES (1, 'write tests')")
+        await _publish(stack, table, stream)  # creates the stream too
         async with httpx.AsyncClient(timeout=10) as client:
-
-            async def change():  # type: ignore[no-untyped-def]
-                r = await client.get(f"{stack.base_url}/v1/stream/{stream}")
-                return r.json() if r.status_code == 200 and r.json() else None
-
-            messages = await wait_until(change)
+            url = f"{stack.base_url}/v1/stream/{stream}"
+            async with client.stream("GET", url, params={"offset": "now", "live": "sse"}) as sse:
+                lines = sse.aiter_lines()
+                assert await anext(lines) == "event: control"
+                inserted = time.monotonic()
+                await pg.execute(f"INSERT INTO {table} VALUES (1, 'write tests')")
+                event, messages = None, None
+                async for line in lines:
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:") and event == "data":
+                        messages = json.loads(line[5:])
+                        break
+            # Woken by the source's notification: the periodic re-check is 30 s
+            # away and the SSE connection ends after 10 s.
+            assert messages is not None and time.monotonic() - inserted < 10
         assert messages[0]["type"] == table and messages[0]["key"] == "1"
         assert messages[0]["value"] == {"id": 1, "title": "write tests"}
         assert messages[0]["headers"]["operation"] == "insert"

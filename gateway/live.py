@@ -119,10 +119,13 @@ class LiveHub:
     @contextlib.asynccontextmanager
     async def watch(self, name: str) -> AsyncIterator[Watch]:
         channel = self._channels.get(name)
+        # Count the reader before any await, so the idle sweep cannot take the
+        # channel away while its subscription is still being set up.
         if channel is None:
-            channel = self._channels[name] = _Channel()
+            channel = self._channels[name] = _Channel(readers=1)
             await self._subscribe(name)
-        channel.readers += 1
+        else:
+            channel.readers += 1
         if not channel.confirmed.is_set():
             # Until Redis confirms the subscription a notification could slip by;
             # a bounded wait, since the recheck interval covers a lost one anyway.

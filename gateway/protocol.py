@@ -148,12 +148,13 @@ _decoder = json.JSONDecoder(parse_constant=_reject_constant)
 _WHITESPACE = " \t\n\r"
 
 
-def split_json_messages(body: bytes, *, allow_empty: bool) -> list[str]:
+def split_json_messages(body: bytes, *, allow_empty: bool, max_messages: int = 0) -> list[str]:
     """Validate a JSON body and return its messages as JSON texts.
 
     A top-level array is flattened one level (one message per element); any
     other value is one message. Element texts are kept as sent, so numbers keep
-    every digit.
+    every digit. More than `max_messages` (when set) is a 413, found without
+    parsing the rest of the body.
     """
     try:
         text = body.decode("utf-8")
@@ -162,7 +163,7 @@ def split_json_messages(body: bytes, *, allow_empty: bool) -> list[str]:
     try:
         start = _skip_ws(text, 0)
         if start < len(text) and text[start] == "[":
-            messages = _split_array(text, start)
+            messages = _split_array(text, start, max_messages=max_messages)
         else:
             value_end = _decoder.raw_decode(text, start)[1]
             if _skip_ws(text, value_end) != len(text):
@@ -182,15 +183,28 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def _split_array(text: str, start: int) -> list[str]:
+def json_array_elements(text: str) -> list[tuple[str, object]]:
+    """(text as written, parsed value) of each element of a JSON array text."""
+    values: list[object] = []
+    texts = _split_array(text, _skip_ws(text, 0), values=values)
+    return list(zip(texts, values, strict=True))
+
+
+def _split_array(
+    text: str, start: int, *, max_messages: int = 0, values: list[object] | None = None
+) -> list[str]:
     messages: list[str] = []
     pos = _skip_ws(text, start + 1)
     if pos < len(text) and text[pos] == "]":
         pos += 1
     else:
         while True:
-            end = _decoder.raw_decode(text, pos)[1]
+            value, end = _decoder.raw_decode(text, pos)
             messages.append(text[pos:end])
+            if values is not None:
+                values.append(value)
+            if max_messages and len(messages) > max_messages:
+                raise ProblemError(413, "Too many messages", f"at most {max_messages} per append")
             pos = _skip_ws(text, end)
             if pos < len(text) and text[pos] == ",":
                 pos = _skip_ws(text, pos + 1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
@@ -149,7 +149,9 @@ class StreamRoutes:
         messages: list[bytes] | list[str] | None = None
         if body:
             if is_json(media):
-                messages = split_json_messages(body, allow_empty=True)
+                messages = split_json_messages(
+                    body, allow_empty=True, max_messages=self.settings.max_append_messages
+                )
             else:
                 messages = [body]
         outcome = await store.create(
@@ -169,7 +171,9 @@ class StreamRoutes:
         if outcome.closed:
             headers["stream-closed"] = "true"
         if outcome.created:
-            headers["location"] = str(request.url.replace(query=None, fragment=None))
+            # Percent-encoded: a header holds Latin-1 at most, a name any Unicode.
+            url = request.url
+            headers["location"] = f"{url.scheme}://{url.netloc}{quote(request.scope['path'])}"
             return Response(status_code=201, headers=headers)
         return Response(status_code=200, headers=headers)
 
@@ -217,7 +221,9 @@ class StreamRoutes:
             raise bad_request("Empty Stream-Seq")
         if is_json(media):
             try:
-                messages: list[bytes] | list[str] = split_json_messages(body, allow_empty=False)
+                messages: list[bytes] | list[str] = split_json_messages(
+                    body, allow_empty=False, max_messages=self.settings.max_append_messages
+                )
             except ProblemError:
                 # Missing, closed or mismatched streams take precedence over bad JSON.
                 await self._check_appendable(name, media)

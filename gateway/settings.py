@@ -40,6 +40,9 @@ class Settings:
     live_recheck_ms: int = 5_000
     # Largest request body accepted (413 above it).
     max_body_bytes: int = 8 * 1024 * 1024
+    # Most messages in one JSON append (413 above): one append is one Lua
+    # script, and Redis runs nothing else while it runs.
+    max_append_messages: int = 10_000
     # A catch-up response stops after the append that crosses this many bytes.
     read_chunk_bytes: int = 1024 * 1024
     # ... or after this many Redis entries.
@@ -70,6 +73,7 @@ class Settings:
             sse_keepalive_ms=env_int("DSGW_SSE_KEEPALIVE_MS", cls.sse_keepalive_ms),
             live_recheck_ms=env_int("DSGW_LIVE_RECHECK_MS", cls.live_recheck_ms),
             max_body_bytes=env_int("DSGW_MAX_BODY_BYTES", cls.max_body_bytes),
+            max_append_messages=env_int("DSGW_MAX_APPEND_MESSAGES", cls.max_append_messages),
             read_chunk_bytes=env_int("DSGW_READ_CHUNK_BYTES", cls.read_chunk_bytes),
             read_chunk_entries=env_int("DSGW_READ_CHUNK_ENTRIES", cls.read_chunk_entries),
             cors_origins=_list("DSGW_CORS_ORIGINS", ["*"]),

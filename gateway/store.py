@@ -227,8 +227,11 @@ class Store:
         reply = await self.scripts.call("create", keys.all, args)
         status = _text(reply[0])
         if status == "created":
-            if reply[3]:
-                await self.release_fork(_text(reply[3]), name)
+            replaced_source = _text(reply[3])
+            # An expired stream this one replaced held a reference on its source;
+            # a fork re-created on the same source keeps using that reference.
+            if replaced_source and (fork is None or replaced_source != fork.source):
+                await self.release_fork(replaced_source, name)
             return CreateOutcome(True, parse_entry_id(reply[1]), reply[2] == b"1", content_type)
         if fork is not None and status != "exists":
             await self._release_unowned(name, fork.source)
@@ -365,8 +368,18 @@ class Store:
                 await self.release_fork(_text(reply[1]), name)
             return
         if status == "soft":
+            await self._release_vanished_forks(name)
             return
         await self._raise_missing(name, status, reply)
+
+    async def _release_vanished_forks(self, name: str) -> None:
+        """Drop references of forks that are gone without releasing them (a
+        gateway that died between deleting a fork and releasing its source):
+        otherwise this soft-deleted stream would never go."""
+        for raw in await self.redis.smembers(stream_keys(name).forks):
+            fork = _text(raw)
+            if not await self.redis.exists(stream_keys(fork).meta):
+                await self.release_fork(name, fork)
 
     # --- reads ------------------------------------------------------------------
 

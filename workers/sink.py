@@ -33,6 +33,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway.keys import SHARDS, feed_key
 from gateway.offsets import format_offset, parse_entry_id
+from gateway.protocol import json_array_elements
 from gateway.redis_client import reset_after
 
 from .process import Backoff
@@ -76,8 +77,16 @@ INSERT_REJECTED = (
 
 Row = tuple[str, str | None, str | None, str | None, str, str, datetime]
 
-# Postgres errors that retrying cannot fix: the data itself is refused.
-DATA_ERRORS = (asyncpg.DataError, asyncpg.UntranslatableCharacterError, asyncpg.CharacterNotInRepertoireError)
+# Errors that retrying cannot fix: the data itself is refused (by Postgres,
+# e.g. a \u0000 or a lone surrogate escape in jsonb, a key too long for an
+# index; or by the driver, e.g. a string it cannot encode).
+DATA_ERRORS = (
+    asyncpg.DataError,
+    asyncpg.ProgramLimitExceededError,
+    asyncpg.UntranslatableCharacterError,
+    asyncpg.CharacterNotInRepertoireError,
+    UnicodeError,
+)
 
 
 def _text_field(obj: dict[str, Any], name: str) -> str | None:
@@ -88,14 +97,15 @@ def _text_field(obj: dict[str, Any], name: str) -> str | None:
 
 
 def rows_from_feed_entry(fields: dict[bytes, bytes]) -> list[Row]:
-    """The session_events rows of one feed entry (one append)."""
+    """The session_events rows of one feed entry (one append). The payload is
+    each message's JSON text as appended, so numbers keep every digit."""
     stream = fields[b"stream"].decode()
     ids = fields[b"ids"].split()
-    messages = json.loads(fields[b"json"])
+    messages = json_array_elements(fields[b"json"].decode())
     if len(ids) != len(messages):
         raise ValueError(f"feed entry has {len(ids)} ids for {len(messages)} messages")
     rows: list[Row] = []
-    for raw_id, message in zip(ids, messages, strict=True):
+    for raw_id, (text, message) in zip(ids, messages, strict=True):
         entry_id = parse_entry_id(raw_id)
         obj = message if isinstance(message, dict) else {}
         rows.append(
@@ -104,7 +114,7 @@ def rows_from_feed_entry(fields: dict[bytes, bytes]) -> list[Row]:
                 _text_field(obj, "key"),
                 _text_field(obj, "type"),
                 _text_field(obj, "operation"),
-                json.dumps(message, ensure_ascii=False),
+                text,
                 format_offset(entry_id),
                 datetime.fromtimestamp(entry_id[0] / 1000, UTC),
             )
@@ -175,6 +185,11 @@ class SinkWorker:
                 log.warning("sink cannot reach redis: %s: %s", type(exc).__name__, exc)
                 await reset_after(self.redis, exc)
                 await backoff.wait(self.stop)
+            except Exception:
+                # A bug must not take the other shards down: log it, back off,
+                # and try again (the batch stays pending, so nothing is lost).
+                log.exception("sink shard %d failed", shard)
+                await backoff.wait(self.stop)
 
     async def _claim(self, key: str) -> list[Any]:
         """Take over entries another consumer left unacknowledged for too long."""
@@ -199,7 +214,7 @@ class SinkWorker:
                 continue  # trimmed or deleted while pending: nothing to write
             try:
                 rows.extend(rows_from_feed_entry(fields))
-            except (KeyError, ValueError, UnicodeDecodeError) as exc:
+            except (KeyError, ValueError, UnicodeDecodeError, RecursionError) as exc:
                 unreadable.append((entry_id, fields, str(exc)))
         backoff = Backoff()
         while True:
@@ -245,7 +260,8 @@ class SinkWorker:
                         "postgres refused a message",
                         extra={"fields": {"stream": row[0], "ds_offset": row[5]}},
                     )
-                    await conn.execute(INSERT_REJECTED, row[0], row[5], row[4].encode(), str(exc))
+                    raw = row[4].encode("utf-8", "surrogatepass")
+                    await conn.execute(INSERT_REJECTED, row[0], row[5], raw, str(exc))
             for entry_id, fields, error in unreadable:
                 await self._reject(conn, fields, entry_id, error)
 

@@ -22,10 +22,8 @@ import logging
 import re
 import time
 from datetime import UTC
-from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 
@@ -49,6 +47,14 @@ LAG = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
+FETCH_TRANSACTION = """
+SELECT commit_seq, stream, table_name, row_key, operation, value::text AS value,
+       old_value::text AS old_value, txid, committed_at
+  FROM dsgw_outbox
+ WHERE commit_seq IS NOT NULL AND txid = $1
+ ORDER BY commit_seq
+"""
+
 FETCH = """
 SELECT commit_seq, stream, table_name, row_key, operation, value::text AS value,
        old_value::text AS old_value, txid, committed_at
@@ -60,36 +66,47 @@ SELECT commit_seq, stream, table_name, row_key, operation, value::text AS value,
 
 
 def change_message(row: asyncpg.Record) -> str:
-    """One STATE-PROTOCOL change message, as JSON text."""
-    message: dict[str, Any] = {"type": row["table_name"], "key": row["row_key"]}
-    if row["value"] is not None:
-        message["value"] = json.loads(row["value"])
-    if row["old_value"] is not None:
-        message["old_value"] = json.loads(row["old_value"])
+    """One STATE-PROTOCOL change message, as JSON text. The row's values are
+    spliced in as Postgres wrote them (jsonb text), so numbers keep every digit."""
     committed = row["committed_at"].astimezone(UTC)
-    message["headers"] = {
+    headers = {
         "operation": row["operation"],
         "txid": str(row["txid"]),
         "timestamp": committed.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
     }
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    parts = ['{"type":', json.dumps(row["table_name"]), ',"key":', json.dumps(row["row_key"])]
+    if row["value"] is not None:
+        parts += [',"value":', row["value"]]
+    if row["old_value"] is not None:
+        parts += [',"old_value":', row["old_value"]]
+    parts += [',"headers":', json.dumps(headers, separators=(",", ":")), "}"]
+    return "".join(parts)
 
 
 def stream_seq(commit_seq: int) -> str:
     return f"{commit_seq:020d}"
 
 
-def appends_of(rows: list[asyncpg.Record]) -> list[tuple[str, list[asyncpg.Record]]]:
-    """Group rows (in commit order) into appends: one per transaction and stream."""
-    groups: list[tuple[str, list[asyncpg.Record]]] = []
-    current: tuple[int, str] | None = None
+Append = tuple[str, list[asyncpg.Record]]
+
+
+def transactions_of(rows: list[asyncpg.Record]) -> list[list[Append]]:
+    """Rows (in commit order; a transaction's rows are numbered together, so
+    they are contiguous) as transactions, each a list of appends: one per
+    stream it touched, in the order it first touched them."""
+    transactions: list[list[Append]] = []
+    current_txid = None
+    by_stream: dict[str, list[asyncpg.Record]] = {}
     for row in rows:
-        marker = (row["txid"], row["stream"])
-        if marker != current:
-            groups.append((row["stream"], []))
-            current = marker
-        groups[-1][1].append(row)
-    return groups
+        if row["txid"] != current_txid:
+            current_txid, by_stream = row["txid"], {}
+            transactions.append([])
+        group = by_stream.get(row["stream"])
+        if group is None:
+            group = by_stream[row["stream"]] = []
+            transactions[-1].append((row["stream"], group))
+        group.append(row)
+    return transactions
 
 
 class SourceWorker:
@@ -149,46 +166,61 @@ class SourceWorker:
         rows = await conn.fetch(FETCH, self.settings.source_batch)
         if not rows:
             return 0
-        groups = appends_of(rows)
-        if len(rows) == self.settings.source_batch and len(groups) > 1:
-            # The last transaction may continue past the batch: leave it for the next round.
-            groups = groups[:-1]
-        for stream, group in groups:
-            await self._append(stream, group)
-            last = group[-1]["commit_seq"]
+        if len(rows) == self.settings.source_batch:
+            # The last transaction may go on past the batch: it waits for the
+            # next round, or, when it is the only one, is fetched whole.
+            last_txid = rows[-1]["txid"]
+            complete = [r for r in rows if r["txid"] != last_txid]
+            rows = complete or await conn.fetch(FETCH_TRANSACTION, last_txid)
+        published = 0
+        for transaction in transactions_of(rows):
+            for stream, group in transaction:
+                await self._append(stream, group)
+                published += len(group)
+            last = max(r["commit_seq"] for _, group in transaction for r in group)
             async with conn.transaction():
                 await conn.execute("DELETE FROM dsgw_outbox WHERE commit_seq <= $1", last)
-                await conn.execute(
-                    "INSERT INTO dsgw_source_progress (stream, last_seq) VALUES ($1, $2)"
-                    " ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
-                    stream,
-                    last,
-                )
-        return sum(len(g) for _, g in groups)
+                for stream, _ in transaction:
+                    await conn.execute(
+                        "INSERT INTO dsgw_source_progress (stream, last_seq) VALUES ($1, $2)"
+                        " ON CONFLICT (stream) DO UPDATE SET last_seq = excluded.last_seq",
+                        stream,
+                        last,
+                    )
+        return published
+
+    async def _ensure_stream(self, stream: str) -> None:
+        if stream in self._created:
+            return
+        with contextlib.suppress(ProblemError):  # 409: it exists already
+            await self.store.create(
+                stream,
+                content_type=JSON_MEDIA_TYPE,
+                media_type=JSON_MEDIA_TYPE,
+                ttl=None,
+                expires_at=None,
+                closed=False,
+                body=None,
+            )
+        self._created.add(stream)
 
     async def _append(self, stream: str, rows: list[asyncpg.Record]) -> None:
-        if stream not in self._created:
-            with contextlib.suppress(ProblemError):  # 409: it exists already
-                await self.store.create(
-                    stream,
-                    content_type=JSON_MEDIA_TYPE,
-                    media_type=JSON_MEDIA_TYPE,
-                    ttl=None,
-                    expires_at=None,
-                    closed=False,
-                    body=None,
-                )
-            self._created.add(stream)
+        """Append one transaction's changes to one stream, exactly once."""
         messages = [change_message(r) for r in rows]
-        try:
-            outcome = await self.store.append(
-                stream, JSON_MEDIA_TYPE, messages, stream_seq=stream_seq(rows[0]["commit_seq"])
-            )
-        except ProblemError as exc:  # 404 / 410: the stream is gone
-            self._created.discard(stream)
-            log.warning("stream refused changes", extra={"fields": {"stream": stream, "status": exc.status}})
-            SKIPPED.inc(len(rows))
-            return
+        seq = stream_seq(rows[0]["commit_seq"])
+        for attempt in (1, 2):
+            await self._ensure_stream(stream)
+            try:
+                outcome = await self.store.append(stream, JSON_MEDIA_TYPE, messages, stream_seq=seq)
+                break
+            except ProblemError as exc:  # 404 / 410: deleted or expired since we created it
+                self._created.discard(stream)
+                if attempt == 2 or exc.status != 404:
+                    log.warning(
+                        "stream refused changes", extra={"fields": {"stream": stream, "status": exc.status}}
+                    )
+                    SKIPPED.inc(len(rows))
+                    return
         if outcome.status == "ok":
             CHANGES.inc(len(rows))
             now = time.time()
@@ -263,17 +295,15 @@ async def run_source(settings: WorkerSettings) -> None:
     from .process import install_stop_signals, serve_health
 
     await migrate_url(settings.database_url)
-    redis = aioredis.Redis(
-        connection_pool=aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=8,
-            timeout=30,
-            client_name=f"dsgw-source-{settings.consumer_name}",
-        )
-    )
+    from gateway.redis_client import connect
     from gateway.settings import Settings
 
-    store = Store(redis, sink_filter=Settings.from_env().sink_filter)
+    target = await connect(
+        settings.redis_url, max_connections=8, pool_timeout_s=30, name=f"dsgw-source-{settings.consumer_name}"
+    )
+    redis = target.client
+    # The gateways' live readers listen with SSUBSCRIBE on Redis 7: publish the same way.
+    store = Store(redis, publish_command=target.publish_command, sink_filter=Settings.from_env().sink_filter)
     worker = SourceWorker(settings, store)
     install_stop_signals(worker.stop)
     server = await serve_health(settings.metrics_port, worker.healthy, settings.metrics_host)

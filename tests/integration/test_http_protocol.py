@@ -251,3 +251,44 @@ def test_a_recreated_stream_never_repeats_an_offset_of_the_removed_one(gateway, 
     appended = http.post(url, headers=JSON, content=b"[3]")
     assert appended.headers["stream-next-offset"] > "0009999999999999_0000000000000005"
     assert http.get(url).json() == [3]
+
+
+def test_recreating_an_expired_fork_keeps_its_reference_on_the_source(gateway, http, unique):
+    import time
+
+    source, fork = gateway.stream_url(unique), gateway.stream_url(unique + "-f")
+    fork_headers = {"stream-forked-from": f"/v1/stream/{unique}", "stream-ttl": "1"}
+    http.put(source, headers=JSON, content=b'[{"n":1}]')
+    assert http.put(fork, headers=fork_headers).status_code == 201
+    time.sleep(1.2)
+    assert http.put(fork, headers=fork_headers).status_code == 201  # the expired one is replaced
+    assert http.delete(source).status_code == 204
+    assert http.get(source).status_code == 410  # soft-deleted: the new fork still reads it
+    assert http.get(fork).json() == [{"n": 1}]
+
+
+def test_a_fork_that_vanished_without_release_does_not_pin_its_source(gateway, http, unique, r):
+    source, fork = gateway.stream_url(unique), gateway.stream_url(unique + "-f")
+    http.put(source, headers=JSON, content=b"[1]")
+    http.put(fork, headers={"stream-forked-from": f"/v1/stream/{unique}"})
+    r.delete(*stream_keys(unique + "-f").own)  # as if its gateway died before releasing
+    assert http.delete(source).status_code == 204
+    assert http.head(source).status_code == 404
+    assert http.put(source, headers=JSON).status_code == 201
+
+
+def test_unicode_names_get_a_percent_encoded_location(gateway, http, unique):
+    name = f"{unique}/日本"
+    created = http.put(gateway.url + "/v1/stream/" + name, headers=JSON)
+    assert created.status_code == 201
+    assert created.headers["location"].endswith("/v1/stream/" + unique + "/%E6%97%A5%E6%9C%AC")
+    assert http.get(created.headers["location"]).status_code == 200
+
+
+def test_too_many_messages_in_one_append_is_413_and_writes_nothing(gateway, http, unique, r):
+    url = gateway.stream_url(unique)
+    http.put(url, headers=JSON)
+    response = http.post(url, headers=JSON, content=b"[" + b",".join([b"0"] * 10_001) + b"]")
+    assert response.status_code == 413
+    assert r.xlen(stream_keys(unique).data) == 0
+    assert http.post(url, headers=JSON, content=b"[" + b",".join([b"0"] * 10_000) + b"]").status_code == 204

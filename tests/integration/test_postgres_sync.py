@@ -322,3 +322,66 @@ async def test_round_trip_insert_reaches_stream_and_session_events(
     rows = await wait_until(lambda: _rows_when(pg, stream, 1))
     assert rows[0]["event_type"] == table and rows[0]["event_key"] == "m1"
     assert json.loads(rows[0]["payload"])["value"] == {"id": "m1", "body": "hello"}
+
+
+async def test_messages_postgres_refuses_never_stall_a_shard_and_numbers_stay_exact(
+    gateway, sink, pg, unique
+):
+    import secrets
+
+    long_key = secrets.token_hex(2000)  # 4000 random chars: too big for a btree index entry
+    body = (
+        '[{"n":1, "price": 12345678901234567.891}, {"s":"\\ud800"}, {"key":"' + long_key + '"}, {"n":2}]'
+    ).encode()
+    async with httpx.AsyncClient(timeout=10) as client:
+        url = gateway.stream_url(unique)
+        await client.put(url, headers=JSON)
+        assert (await client.post(url, headers=JSON, content=body)).status_code == 204
+    rows = await wait_until(lambda: _rows_when(pg, unique, 2))
+    assert [r["payload"] for r in rows] == ['{"n": 1, "price": 12345678901234567.891}', '{"n": 2}']
+    rejected = await pg.fetch("SELECT raw FROM session_events_rejected WHERE stream_name = $1", unique)
+    assert sorted(len(r["raw"]) > 1000 for r in rejected) == [False, True]
+
+
+async def test_transactions_are_whole_appends_keys_can_change_and_numbers_stay_exact(
+    gateway, redis_server, postgres_server, pg, unique, tmp_path
+):
+    from gateway.keys import stream_keys
+
+    r = redis.Redis.from_url(redis_server.url)
+    suffix = unique.replace("-", "_")[-10:]
+    items, notes = f"items_{suffix}", f"notes_{suffix}"
+    s_items, s_notes = f"pg/{unique}/items", f"pg/{unique}/notes"
+    await pg.execute(f"CREATE TABLE {items} (id int PRIMARY KEY, price numeric)")
+    await pg.execute(f"CREATE TABLE {notes} (id int PRIMARY KEY, body text)")
+    await _publish(postgres_server, items, s_items)
+    await _publish(postgres_server, notes, s_notes)
+    # A small batch: the 12-row transaction below must still be one append.
+    worker = start_worker("source", redis_server.url, postgres_server.url, tmp_path, DSGW_SOURCE_BATCH="5")
+    try:
+        async with pg.transaction():  # items, notes, items again: one append per stream
+            await pg.execute(f"INSERT INTO {items} VALUES (1, 12345678901234567.891)")
+            await pg.execute(f"INSERT INTO {notes} VALUES (1, 'n')")
+            for i in range(2, 12):
+                await pg.execute(f"INSERT INTO {items} VALUES ($1, $2)", i, i)
+        await pg.execute(f"UPDATE {items} SET id = 100 WHERE id = 1")  # a key change
+        async with httpx.AsyncClient(timeout=10) as client:
+            items_messages = await _stream_json(client, gateway, s_items, 13)
+            notes_messages = await _stream_json(client, gateway, s_notes, 1)
+            # Deleted meanwhile: the next change re-creates the stream, nothing is dropped.
+            await client.delete(gateway.stream_url(s_notes))
+            await pg.execute(f"INSERT INTO {notes} VALUES (2, 'after delete')")
+            after = await _stream_json(client, gateway, s_notes, 1)
+    finally:
+        worker.stop()
+    raw = r.xrange(stream_keys(s_items).data)
+    assert raw[0][1][b"json"].startswith(
+        f'{{"type":"{items}","key":"1","value":{{"id": 1, "price": 12345678901234567.891}}'.encode()
+    )
+    assert raw[0][1][b"more"] == b"10"  # the transaction's 11 item rows: one append
+    assert [(m["key"], m["headers"]["operation"]) for m in items_messages[11:]] == [
+        ("1", "delete"),
+        ("100", "insert"),
+    ]
+    assert [m["key"] for m in notes_messages] == ["1"]
+    assert [m["value"]["body"] for m in after] == ["after delete"]

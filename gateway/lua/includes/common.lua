@@ -76,7 +76,9 @@ end
 -- forks read through is kept until its last fork goes.
 local GC_GRACE_MS = 60000
 local function set_key_expiry(m)
-  if not (m.ttl or m.exp) then
+  -- Forks are never left to Redis expiry: their removal must release their
+  -- source's reference (fork_release.lua), which only an access does.
+  if not (m.ttl or m.exp) or m.src then
     return
   end
   if redis.call('SCARD', KEYS[4]) > 0 then
