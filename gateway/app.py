@@ -232,6 +232,7 @@ def create_app(settings: Settings | None = None) -> Any:
             yield
         finally:
             await gateway.stop()
+            metrics.process_exited(os.getpid())
             log.info("gateway stopped")
 
     app = FastAPI(

@@ -24,14 +24,30 @@ def serve(
     workers: int = typer.Option(1, help="Gateway processes sharing the port."),
 ) -> None:
     """Run the gateway (REDIS_URL must name a running Redis)."""
-    import uvicorn
-
     from .settings import Settings
 
     settings = Settings.from_env()
     if not settings.redis_url:
         raise typer.BadParameter("REDIS_URL is not set (use `dsgw dev` for an embedded Redis)")
     _exit_zero_after_drain()
+    metrics_dir = None
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import tempfile
+
+        # One /metrics for all worker processes (see gateway/metrics.py).
+        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dsgw-metrics-")
+    try:
+        _run_uvicorn(host, port, workers)
+    finally:
+        if metrics_dir:
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run_uvicorn(host: str, port: int, workers: int) -> None:
+    import uvicorn
+
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,

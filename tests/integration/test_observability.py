@@ -63,3 +63,48 @@ async def test_readiness_follows_redis_and_live_readers_survive_its_restart(tmp_
     finally:
         gw.stop()
         redis.stop()
+
+
+def test_metrics_add_up_across_worker_processes(redis_server, tmp_path, unique):
+    import os
+    import subprocess
+    import sys
+
+    from gateway.embedded import free_port, stop_child, wait_for_port
+    from tests.conftest import ROOT
+
+    port = free_port()
+    log_path = tmp_path / "workers.log"
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--workers", "2"],
+        cwd=ROOT,
+        env={**env, "REDIS_URL": redis_server.url, "DSGW_ACCESS_LOG": "true"},
+        stdout=subprocess.DEVNULL,
+        stderr=open(log_path, "wb"),  # noqa: SIM115
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        url = f"http://127.0.0.1:{port}/v1/stream/{unique}"
+        httpx.put(url, headers={"content-type": "text/plain"}, timeout=10)
+
+        def serving_pids() -> set[int]:
+            lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.startswith("{")]
+            return {x["pid"] for x in lines if x["logger"] == "dsgw.access" and x["method"] == "POST"}
+
+        appends = 0
+        # New connections until both processes have taken appends (bounded).
+        while appends < 400 and (appends < 20 or len(serving_pids()) < 2):
+            response = httpx.post(url, headers={"content-type": "text/plain"}, content=b"x", timeout=10)
+            assert response.status_code == 204
+            appends += 1
+        assert len(serving_pids()) == 2
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        total = sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith('dsgw_appends_total{content_type="text/plain"}')
+        )
+        assert total == appends  # every process's appends, whichever one answered the scrape
+    finally:
+        assert stop_child(proc) == 0
