@@ -50,10 +50,7 @@ async def prefill(redis_url: str, streams: int, rows: int) -> None:
     store = Store(redis)
     per_append = 100
     for s in range(streams):
-        await store.create(
-            f"bench/s{s}", content_type=JSON_MEDIA_TYPE, media_type=JSON_MEDIA_TYPE,
-            ttl=None, expires_at=None, closed=False, body=None,
-        )  # fmt: skip
+        await store.create_json_stream(f"bench/s{s}")
     sem = asyncio.Semaphore(16)
 
     async def one(i: int) -> None:

@@ -87,8 +87,6 @@ def dev(
     import subprocess
     import sys
 
-    import uvicorn
-
     from .embedded import start_postgres, start_redis
 
     # uvicorn re-raises the SIGTERM it drained on; turn that into an exception
@@ -134,15 +132,7 @@ def dev(
             typer.echo(f"workers:  sink and source, logs in {data_dir}/{{sink,source}}.log")
         typer.echo(f"inspect:  redis-cli -u {redis_url} --scan --pattern 'ds:*:meta'")
         typer.echo(f"try:      curl -X PUT -H 'content-type: application/json' {base_url}/v1/stream/hello")
-        uvicorn.run(
-            "gateway.app:create_app",
-            factory=True,
-            host=host,
-            port=port,
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=10,
-        )
+        _run_uvicorn(host, port, workers=1)
     finally:
         for proc in reversed(stop_last):
             proc.stop()
@@ -248,26 +238,18 @@ def publish(
 
 
 async def _create_json_stream(name: str) -> None:
-    from .protocol import JSON_MEDIA_TYPE, ProblemError
     from .redis_client import connect
     from .settings import Settings
     from .store import Store
 
     target = await connect(os.environ["REDIS_URL"], max_connections=4)
-    redis = target.client
     try:
         store = Store(
-            redis, publish_command=target.publish_command, sink_filter=Settings.from_env().sink_filter
+            target.client, publish_command=target.publish_command, sink_filter=Settings.from_env().sink_filter
         )
-        try:
-            await store.create(
-                name, content_type=JSON_MEDIA_TYPE, media_type=JSON_MEDIA_TYPE,
-                ttl=None, expires_at=None, closed=False, body=None,
-            )  # fmt: skip
-        except ProblemError as exc:
-            typer.echo(f"note: stream {name} exists and differs ({exc.title})")
+        await store.create_json_stream(name)
     finally:
-        await redis.aclose()
+        await target.client.aclose()
 
 
 @app.command()

@@ -5,6 +5,7 @@ and validation machinery."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit
@@ -60,8 +61,6 @@ def problem(status: int, title: str, detail: str = "", headers: dict[str, str] |
 
 
 def _json_str(text: str) -> bytes:
-    import json
-
     return json.dumps(text).encode()
 
 

@@ -4,6 +4,7 @@ stitch a fork's inherited data to its own. Knows the protocol's refusals
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from redis.asyncio import Redis
 
 from .keys import StreamKeys, stream_keys
 from .offsets import ZERO_ID, EntryId, entry_id_str, format_offset, parse_entry_id
-from .protocol import ProblemError, bad_request, is_json
+from .protocol import JSON_MEDIA_TYPE, ProblemError, bad_request, is_json
 from .scripts import Scripts
 
 
@@ -240,6 +241,15 @@ class Store:
         if status == "gone":
             raise ProblemError(409, "Stream was deleted", "forks still read through this path")
         raise ProblemError(409, "Stream exists with a different configuration")
+
+    async def create_json_stream(self, name: str) -> None:
+        """Create `name` as a plain application/json stream unless a stream of
+        that name exists (whatever its configuration)."""
+        with contextlib.suppress(ProblemError):  # 409: it exists
+            await self.create(
+                name, content_type=JSON_MEDIA_TYPE, media_type=JSON_MEDIA_TYPE,
+                ttl=None, expires_at=None, closed=False, body=None,
+            )  # fmt: skip
 
     async def media_type_of(self, name: str) -> str:
         media = await self.redis.hget(stream_keys(name).meta, "mt")

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -51,6 +52,18 @@ async def serve_health(
         writer.close()
 
     return await asyncio.start_server(handle, host, port)
+
+
+async def serve_until_stopped(worker: Any, settings: Any) -> None:
+    """Run `worker` (with `stop`, `healthy()` and `run()`) until SIGTERM/SIGINT
+    has drained it, with its /healthz and /metrics endpoint alongside."""
+    install_stop_signals(worker.stop)
+    server = await serve_health(settings.metrics_port, worker.healthy, settings.metrics_host)
+    try:
+        await worker.run()
+    finally:
+        if server:
+            server.close()
 
 
 class Backoff:

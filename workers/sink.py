@@ -294,7 +294,7 @@ class SinkWorker:
 
 async def run_sink(settings: WorkerSettings) -> None:
     from .migrate import migrate_url
-    from .process import install_stop_signals, serve_health
+    from .process import serve_until_stopped
 
     await migrate_url(settings.database_url)
     from gateway.redis_client import connect
@@ -308,13 +308,8 @@ async def run_sink(settings: WorkerSettings) -> None:
     )
     redis = target.client
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
-    worker = SinkWorker(settings, redis, pool)
-    install_stop_signals(worker.stop)
-    server = await serve_health(settings.metrics_port, worker.healthy, settings.metrics_host)
     try:
-        await worker.run()
+        await serve_until_stopped(SinkWorker(settings, redis, pool), settings)
     finally:
-        if server:
-            server.close()
         await pool.close()
         await redis.aclose()

@@ -192,16 +192,7 @@ class SourceWorker:
     async def _ensure_stream(self, stream: str) -> None:
         if stream in self._created:
             return
-        with contextlib.suppress(ProblemError):  # 409: it exists already
-            await self.store.create(
-                stream,
-                content_type=JSON_MEDIA_TYPE,
-                media_type=JSON_MEDIA_TYPE,
-                ttl=None,
-                expires_at=None,
-                closed=False,
-                body=None,
-            )
+        await self.store.create_json_stream(stream)
         self._created.add(stream)
 
     async def _append(self, stream: str, rows: list[asyncpg.Record]) -> None:
@@ -292,7 +283,7 @@ async def unpublish(conn: asyncpg.Connection, table: str) -> None:
 
 async def run_source(settings: WorkerSettings) -> None:
     from .migrate import migrate_url
-    from .process import install_stop_signals, serve_health
+    from .process import serve_until_stopped
 
     await migrate_url(settings.database_url)
     from gateway.redis_client import connect
@@ -304,12 +295,7 @@ async def run_source(settings: WorkerSettings) -> None:
     redis = target.client
     # The gateways' live readers listen with SSUBSCRIBE on Redis 7: publish the same way.
     store = Store(redis, publish_command=target.publish_command, sink_filter=Settings.from_env().sink_filter)
-    worker = SourceWorker(settings, store)
-    install_stop_signals(worker.stop)
-    server = await serve_health(settings.metrics_port, worker.healthy, settings.metrics_host)
     try:
-        await worker.run()
+        await serve_until_stopped(SourceWorker(settings, store), settings)
     finally:
-        if server:
-            server.close()
         await redis.aclose()
