@@ -322,7 +322,11 @@ class Store:
         close: bool = False,
         stream_seq: str | None = None,
         producer: tuple[str, int, int] | None = None,
+        source_seq: str | None = None,
     ) -> WriteOutcome:
+        """Append one group of messages. `source_seq` is the Postgres source
+        worker's own exactly-once sequence (fixed width, compared byte-wise;
+        status 'source_dup' with the stored one in `detail` when not above it)."""
         keys = stream_keys(name)
         pid, epoch, seq = producer or ("", 0, 0)
         args = [
@@ -334,6 +338,7 @@ class Store:
             seq,
             self.publish_command,
             keys.channel,
+            source_seq or "",
             1,
             len(messages),
             *messages,
@@ -358,6 +363,8 @@ class Store:
             return WriteOutcome(status, parse_entry_id(reply[1]), True, int(reply[2]))
         if status == "closed":
             return WriteOutcome(status, parse_entry_id(reply[1]), True)
+        if status == "source_dup":
+            return WriteOutcome(status, detail=_text(reply[1]))
         await self._raise_missing(name, status, reply)
         return WriteOutcome(status, detail=_text(reply[1]) if len(reply) > 1 else "")
 

@@ -12,7 +12,10 @@
 --   ARGV[6] Producer-Seq (decimal, <= 2^53-1)
 --   ARGV[7] publish command: 'PUBLISH' or 'SPUBLISH'
 --   ARGV[8] notification channel
---   ARGV[9..] message groups (see add_groups): '1', count, messages...
+--   ARGV[9] source sequence of the Postgres source worker, or '': compared
+--           byte-wise with the stream's last one (meta 'srcseq'); never set
+--           from HTTP, so no client can make the worker skip its changes
+--   ARGV[10..] message groups (see add_groups): '1', count, messages...
 --
 -- Output: an array whose first element says what happened
 --   {'ok', tail, closed}                   appended (closed = '1' or '')
@@ -22,6 +25,7 @@
 --   {'absent'} | {'expired', src} | {'gone'}
 --   {'ct_mismatch'} | {'stale', epoch} | {'epoch_seq'} | {'gap', expected}
 --   {'seq_conflict'}                       Stream-Seq not above the last one
+--   {'source_dup', srcseq}                 source sequence not above the stream's last one
 
 -- @include common
 
@@ -57,11 +61,20 @@ if stream_seq ~= '' and m.sseq and bytes_le(stream_seq, m.sseq) then
   return {'seq_conflict'}
 end
 
-local tail = add_groups(m, 9) or m.tail
+local source_seq = ARGV[9]
+if source_seq ~= '' and m.srcseq and bytes_le(source_seq, m.srcseq) then
+  return {'source_dup', m.srcseq}
+end
+
+local tail = add_groups(m, 10) or m.tail
 local fields = {'tail', tail}
 if stream_seq ~= '' then
   table.insert(fields, 'sseq')
   table.insert(fields, stream_seq)
+end
+if source_seq ~= '' then
+  table.insert(fields, 'srcseq')
+  table.insert(fields, source_seq)
 end
 local closed = ''
 if ARGV[2] == '1' then

@@ -10,7 +10,8 @@
 -- feed), ct (content type as sent), mt (media type: lowercased, no
 -- parameters), json ('1' for JSON mode), tail (last entry ID, '0-0' when
 -- empty), closed ('1'), cby (closing producer "id\nepoch\nseq"), sseq (last
--- Stream-Seq), ttl (seconds), exp (Expires-At, ms), exp_raw (as sent), atime
+-- Stream-Seq), srcseq (last source sequence of the Postgres
+-- source worker), ttl (seconds), exp (Expires-At, ms), exp_raw (as sent), atime
 -- (last access, ms), gen (random token, changes when the path is recreated),
 -- deleted ('1' = soft-deleted, kept for forks), src/fofs/fsub (fork source,
 -- fork offset as entry ID, sub-offset as sent), bytes (payload bytes appended).
