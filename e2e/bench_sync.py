@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.embedded import start_postgres, start_redis  # noqa: E402
 from gateway.protocol import JSON_MEDIA_TYPE  # noqa: E402
+from gateway.redis_mux import connect_mux  # noqa: E402
 from gateway.store import Store  # noqa: E402
 from tests.conftest import reachable_tmp_dir, start_gateway, start_worker  # noqa: E402
 from workers.migrate import migrate  # noqa: E402
@@ -46,8 +47,8 @@ def pct(values: list[float], p: float) -> float:
 
 
 async def prefill(redis_url: str, streams: int, rows: int) -> None:
-    redis = aioredis.Redis.from_url(redis_url)
-    store = Store(redis)
+    mux = await connect_mux(redis_url, cluster=False, timeout_s=30, client_name="dsgw-bench")
+    store = Store(mux)
     per_append = 100
     for s in range(streams):
         await store.create_json_stream(f"bench/s{s}")
@@ -64,7 +65,7 @@ async def prefill(redis_url: str, streams: int, rows: int) -> None:
             await store.append(f"bench/s{i % streams}", JSON_MEDIA_TYPE, messages)
 
     await asyncio.gather(*(one(i) for i in range(rows // per_append)))
-    await redis.aclose()
+    await mux.close()
 
 
 async def baseline_copy_rate(pg_url: str, redis_url: str, sample: int) -> float:

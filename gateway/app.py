@@ -4,12 +4,12 @@ that puts security and CORS headers on every response."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import itertools
 import logging
 import os
+import secrets
 import signal
 import time
-import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,14 +23,20 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, logs, metrics
+from .http import ClientGone, Headers, Reply, StreamRequest, problem_reply
 from .live import LiveHub
 from .redis_client import connect, reset_after
-from .routes import STREAM_PREFIX, StreamRoutes, problem
+from .routes import STREAM_PREFIX, StreamRoutes
 from .settings import Settings
 from .store import Store
 
 log = logging.getLogger("dsgw.app")
 access = logging.getLogger("dsgw.access")
+
+
+# Request ids: a random per-process prefix and a counter (cheaper than uuid4).
+_ID_PREFIX = secrets.token_hex(4)
+_id_counter = itertools.count(1)
 
 
 def _request_id(scope: Scope) -> str:
@@ -40,7 +46,7 @@ def _request_id(scope: Scope) -> str:
             if 0 < len(value) <= 64 and value.isascii() and value.decode().isprintable():
                 return value.decode()
             break
-    return uuid.uuid4().hex[:16]
+    return f"{_ID_PREFIX}{next(_id_counter):08x}"
 
 
 # Request headers a browser client sends, and response headers it must be able to read.
@@ -67,6 +73,7 @@ class Gateway:
         self.draining = False
         self._drain_watch: asyncio.Task[None] | None = None
         self.redis: aioredis.Redis
+        self.target: Any
         self.store: Store
         self.hub: LiveHub
 
@@ -78,9 +85,11 @@ class Gateway:
             pool_timeout_s=s.redis_pool_timeout_s,
             # Shows which process holds a connection in `redis-cli CLIENT LIST`.
             name=f"dsgw-gateway-{os.getpid()}",
+            timeout_s=s.redis_timeout_ms / 1000,
         )
+        self.target = target
         self.redis = target.client
-        self.store = Store(self.redis, publish_command=target.publish_command, sink_filter=s.sink_filter)
+        self.store = Store(target.mux, publish_command=target.publish_command, sink_filter=s.sink_filter)
         self.hub = LiveHub(self.redis, recheck_s=s.live_recheck_ms / 1000, sharded=target.sharded_pubsub)
         log.info(
             "connected to redis",
@@ -108,7 +117,7 @@ class Gateway:
         if self._drain_watch:
             self._drain_watch.cancel()
         await self.hub.stop()
-        await self.redis.aclose()
+        await self.target.close()
 
 
 class EdgeMiddleware:
@@ -170,9 +179,48 @@ class EdgeMiddleware:
             await send({"type": "http.response.body", "body": b""})
             return
 
-        started = False
         status = 0
         begun = time.perf_counter()
+        is_stream = scope["path"].startswith(STREAM_PREFIX)
+        try:
+            if is_stream:
+                status = await self._stream(scope, receive, send, extra)
+            else:
+                status = await self._other(scope, receive, send, extra)
+        finally:
+            metrics.count_request(
+                scope["method"],
+                "stream" if is_stream else scope["path"][:32],
+                status,
+                time.perf_counter() - begun,
+            )
+            if self.access_log:
+                access.info(
+                    "request",
+                    extra={"fields": {"method": scope["method"], "path": scope["path"], "status": status,
+                                      "ms": round((time.perf_counter() - begun) * 1000, 2)}},
+                )  # fmt: skip
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send, extra: Headers) -> int:
+        request = StreamRequest(scope, receive, scope["path"][len(STREAM_PREFIX) :])
+        try:
+            return await self.streams.handle(request, send, extra)
+        except ClientGone:
+            return 499  # nginx's word for it: nothing is sent
+        except RedisError as exc:
+            reply = await storage_unavailable(self.streams.gw, exc)
+        except Exception:
+            log.exception("unhandled error")
+            reply = problem_reply(500, "Internal error", f"request {logs.request_id.get() or ''}")
+        try:
+            await reply.send(send, extra)
+        except Exception:
+            return 499  # already answering (SSE): the connection just ends
+        return reply.status
+
+    async def _other(self, scope: Scope, receive: Receive, send: Send, extra: Headers) -> int:
+        started = False
+        status = 0
 
         async def send_with_headers(message: Message) -> None:
             nonlocal started, status
@@ -183,36 +231,21 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            if scope["path"].startswith(STREAM_PREFIX):
-                await self._stream(scope, receive, send_with_headers)
-            else:
-                await self.app(scope, receive, send_with_headers)
+            await self.app(scope, receive, send_with_headers)
         except Exception:
             log.exception("unhandled error")
             if not started:
-                rid = logs.request_id.get() or ""
-                await problem(500, "Internal error", f"request {rid}")(scope, receive, send_with_headers)
-        finally:
-            if self.access_log:
-                access.info(
-                    "request",
-                    extra={"fields": {"method": scope["method"], "path": scope["path"], "status": status,
-                                      "ms": round((time.perf_counter() - begun) * 1000, 2)}},
-                )  # fmt: skip
-
-    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope["path_params"] = {"name": scope["path"][len(STREAM_PREFIX) :]}
-        try:
-            response = await self.streams.endpoint(Request(scope, receive))
-        except RedisError as exc:
-            response = await storage_unavailable(self.streams.gw, exc)
-        await response(scope, receive, send)
+                await problem_reply(500, "Internal error", f"request {logs.request_id.get() or ''}").send(
+                    send, extra
+                )
+                return 500
+        return status
 
 
-async def storage_unavailable(gateway: Gateway, exc: Exception) -> Response:
+async def storage_unavailable(gateway: Gateway, exc: Exception) -> Reply:
     log.warning("storage unavailable: %s: %s", type(exc).__name__, exc)
     await reset_after(gateway.redis, exc)
-    return problem(503, "Storage unavailable", type(exc).__name__)
+    return problem_reply(503, "Storage unavailable", type(exc).__name__, {"retry-after": "1"})
 
 
 def create_app(settings: Settings | None = None) -> Any:
@@ -227,10 +260,12 @@ def create_app(settings: Settings | None = None) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         await gateway.start()
+        routes.reads.start_sweeper()
         log.info("gateway started", extra={"fields": {"version": __version__}})
         try:
             yield
         finally:
+            routes.reads.stop_sweeper()
             await gateway.stop()
             metrics.process_exited(os.getpid())
             log.info("gateway stopped")
@@ -247,11 +282,14 @@ def create_app(settings: Settings | None = None) -> Any:
 
     async def redis_error(request: Request, exc: Exception) -> Response:
         # Inside the app, so Starlette's catch-all does not turn it into a 500.
-        return await storage_unavailable(gateway, exc)
+        reply = await storage_unavailable(gateway, exc)
+        return Response(reply.body, reply.status, headers={k.decode(): v.decode() for k, v in reply.headers})
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         # A problem body even for a bug; EdgeMiddleware logs the traceback.
-        return problem(500, "Internal error", f"request {logs.request_id.get() or ''}")
+        detail = f"request {logs.request_id.get() or ''}"
+        return JSONResponse({"type": "about:blank", "status": 500, "title": "Internal error", "detail": detail},
+                            500, media_type="application/problem+json")  # fmt: skip
 
     app.add_exception_handler(RedisError, redis_error)
     app.add_exception_handler(Exception, internal_error)
@@ -260,11 +298,14 @@ def create_app(settings: Settings | None = None) -> Any:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        checks = {"redis": False, "subscription": gateway.hub.ready}
-        with contextlib.suppress(RedisError):
-            checks["redis"] = bool(await gateway.redis.ping())
+        # Ready while any Redis node answers: one unreachable cluster master
+        # must not take every replica out of the balancer (requests for its
+        # shards get 503s; the others go on). The body names each node.
+        nodes = await gateway.store.mux.ping_all()
+        checks = {"redis": any(nodes.values()), "subscription": gateway.hub.ready}
         ok = all(checks.values())
-        return JSONResponse({"status": "ready" if ok else "not ready", **checks}, 200 if ok else 503)
+        body = {"status": "ready" if ok else "not ready", **checks, "redis_nodes": nodes}
+        return JSONResponse(body, 200 if ok else 503)
 
     async def metrics_endpoint(request: Request) -> Response:
         body, content_type = metrics.render()

@@ -34,23 +34,39 @@ class _Channel:
     notified_at: float = 0.0
     readers: int = 0
     idle_since: float = 0.0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # One future per waiting reader, resolved by the next notification.
+    waiters: set[asyncio.Future[None]] = field(default_factory=set)
     confirmed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def bump(self) -> None:
         self.notified_at = time.monotonic()
         self.version += 1
-        self.changed.set()
-        self.changed = asyncio.Event()
+        waiters, self.waiters = self.waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Watch:
-    """A reader's interest in one channel; `wait` returns once it changed."""
+    """A reader's interest in one channel; `wait` returns once it changed, or
+    once `interrupt` was called (the client went away, or was cut off)."""
 
     def __init__(self, channel: _Channel, recheck_s: float) -> None:
         self._channel = channel
         self._seen = channel.version
         self._recheck_s = recheck_s
+        self._waiter: asyncio.Future[None] | None = None
+        self.interrupted = False
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        if self._waiter is not None:
+            _wake(self._waiter)
 
     @property
     def version(self) -> int:
@@ -66,9 +82,17 @@ class Watch:
         """Wait for a notification newer than the last wait; False on timeout
         (or after the recheck interval, when the caller should re-read anyway)."""
         channel = self._channel
-        if channel.version == self._seen:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(channel.changed.wait(), min(timeout_s, self._recheck_s))
+        if channel.version == self._seen and not self.interrupted:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            channel.waiters.add(waiter)
+            timer = loop.call_later(max(0.0, min(timeout_s, self._recheck_s)), _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                channel.waiters.discard(waiter)
+                self._waiter = None
         changed = channel.version != self._seen
         self._seen = channel.version
         return changed

@@ -11,6 +11,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
+from .redis_mux import Mux, connect_mux
+
 
 class FastBlockingConnectionPool(aioredis.BlockingConnectionPool):
     """redis-py wraps get_connection in a deprecation check that inspects the
@@ -22,9 +24,16 @@ class FastBlockingConnectionPool(aioredis.BlockingConnectionPool):
 
 @dataclass(frozen=True)
 class RedisTarget:
-    client: Any  # redis.asyncio.Redis, or RedisCluster where `cluster` is true
+    # redis.asyncio.Redis, or RedisCluster where `cluster` is true: pub/sub,
+    # workers' consumer groups, inspection. Stream operations go through `mux`.
+    client: Any
     cluster: bool
     version: tuple[int, ...]
+    mux: Mux
+
+    async def close(self) -> None:
+        await self.mux.close()
+        await self.client.aclose()
 
     @property
     def sharded_pubsub(self) -> bool:
@@ -38,8 +47,10 @@ class RedisTarget:
 
 
 async def connect(
-    url: str, *, max_connections: int, pool_timeout_s: float = 10.0, name: str = ""
+    url: str, *, max_connections: int, pool_timeout_s: float = 10.0, name: str = "", timeout_s: float = 5.0
 ) -> RedisTarget:
+    """`timeout_s`: how long a stream operation waits for Redis before it fails
+    (never resent: see redis_mux)."""
     client_name = name or f"dsgw-{os.getpid()}"
     probe = aioredis.Redis.from_url(url)
     try:
@@ -54,7 +65,8 @@ async def connect(
             url, max_connections=max(max_connections, 256), client_name=client_name
         )
         await client.initialize()
-        return RedisTarget(client, True, version)
+        mux = await connect_mux(url, cluster=True, timeout_s=timeout_s, client_name=client_name)
+        return RedisTarget(client, True, version, mux)
     # A blocking pool makes a burst of requests queue for a connection instead
     # of failing with "too many connections" (the default pool's behaviour).
     pool = FastBlockingConnectionPool.from_url(
@@ -64,7 +76,8 @@ async def connect(
         health_check_interval=30,
         client_name=client_name,
     )
-    return RedisTarget(aioredis.Redis(connection_pool=pool), False, version)
+    mux = await connect_mux(url, cluster=False, timeout_s=timeout_s, client_name=client_name)
+    return RedisTarget(aioredis.Redis(connection_pool=pool), False, version, mux)
 
 
 async def reset_after(client: Any, exc: BaseException) -> None:

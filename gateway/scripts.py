@@ -7,15 +7,20 @@ import hashlib
 import time
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from .metrics import REDIS_CALL_SECONDS
+from .offsets import EntryId, entry_id_str
+
+if TYPE_CHECKING:
+    from .redis_mux import Mux
 
 LUA_DIR = Path(__file__).with_name("lua")
-SCRIPT_NAMES = ("create", "append", "close", "delete", "read", "fork_acquire", "fork_release")
+SCRIPT_NAMES = (
+    "create", "append", "close", "delete", "read", "read_range", "fork_acquire", "fork_release",
+)  # fmt: skip
 
 
 @cache
@@ -36,21 +41,43 @@ def script_sha(name: str) -> str:
 
 
 class Scripts:
-    """The gateway's Lua scripts, called by SHA on one Redis client (plain
-    EVALSHA: redis-py's Script objects add a layer per call for nothing)."""
+    """The gateway's Lua scripts, called by SHA. A script that changes
+    something is sent once: NOSCRIPT (it did not run) is the only answer that
+    leads to sending it again."""
 
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
+    def __init__(self, mux: Mux) -> None:
+        self._mux = mux
         self._latency = {name: REDIS_CALL_SECONDS.labels(name) for name in SCRIPT_NAMES}
+        self._shas = {name: script_sha(name) for name in SCRIPT_NAMES}
 
-    async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    async def call(
+        self, name: str, keys: list[str], args: list[Any], *, changes_nothing: bool = False
+    ) -> Any:
+        """Run script `name`. `changes_nothing`: it may be retried once on a
+        fresh connection if the connection died under it."""
         started = time.perf_counter()
+        command = ("EVALSHA", self._shas[name], len(keys), *keys, *args)
         try:
             try:
-                return await self._redis.execute_command("EVALSHA", script_sha(name), len(keys), *keys, *args)
+                return await self._mux.execute(*command, key=keys[0], retry_if_lost=changes_nothing)
             except NoScriptError:
-                # A new or restarted Redis (or cluster node): load, then retry once.
-                await self._redis.script_load(script_source(name))
-                return await self._redis.execute_command("EVALSHA", script_sha(name), len(keys), *keys, *args)
+                # A new or restarted Redis (or cluster node): load, then send once more.
+                await self._mux.execute("SCRIPT", "LOAD", script_source(name), key=keys[0])
+                return await self._mux.execute(*command, key=keys[0], retry_if_lost=changes_nothing)
         finally:
             self._latency[name].observe(time.perf_counter() - started)
+
+    async def call_range(
+        self,
+        data_key: str,
+        after: EntryId,
+        upper: EntryId | None,
+        max_bytes: int,
+        max_entries: int,
+        json: bool,
+    ) -> tuple[bytes, bytes, int]:
+        """read_range.lua: (body, last entry ID, count) of one data stream slice."""
+        args = [entry_id_str(after), entry_id_str(upper) if upper else "+", max_bytes, max_entries,
+                "1" if json else ""]  # fmt: skip
+        body, last, count = await self.call("read_range", [data_key], args, changes_nothing=True)
+        return body, last, count

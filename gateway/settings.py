@@ -29,10 +29,19 @@ class Settings:
     redis_max_connections: int = 64
     # How long a request waits for a free Redis connection before a 503.
     redis_pool_timeout_s: float = 10.0
+    # How long a stream operation waits for Redis's answer before a 503. Never
+    # resent after that: the client retries under the producer/Stream-Seq rules.
+    redis_timeout_ms: int = 5_000
     # Long-poll wait before answering 204 (the conformance run uses 500).
     long_poll_timeout_ms: int = 30_000
     # An SSE connection is closed after this long; clients resume from their offset.
     sse_max_lifetime_ms: int = 60_000
+    # An SSE reader that takes no data for this long is cut off (it resumes
+    # from its last offset): a stalled client must not pin memory forever.
+    sse_send_timeout_ms: int = 10_000
+    # Live readers (long-poll + SSE) one gateway process serves at once; more
+    # get 503 with Retry-After.
+    max_live_connections: int = 10_000
     # SSE keep-alive: a control event after this long without data.
     sse_keepalive_ms: int = 15_000
     # A live reader re-reads the tail after this long even without a notification,
@@ -68,8 +77,11 @@ class Settings:
             redis_url=_str("REDIS_URL", ""),
             redis_max_connections=env_int("DSGW_REDIS_MAX_CONNECTIONS", cls.redis_max_connections),
             redis_pool_timeout_s=float(_str("DSGW_REDIS_POOL_TIMEOUT_S", str(cls.redis_pool_timeout_s))),
+            redis_timeout_ms=env_int("DSGW_REDIS_TIMEOUT_MS", cls.redis_timeout_ms),
             long_poll_timeout_ms=env_int("DSGW_LONG_POLL_TIMEOUT_MS", cls.long_poll_timeout_ms),
             sse_max_lifetime_ms=env_int("DSGW_SSE_MAX_LIFETIME_MS", cls.sse_max_lifetime_ms),
+            sse_send_timeout_ms=env_int("DSGW_SSE_SEND_TIMEOUT_MS", cls.sse_send_timeout_ms),
+            max_live_connections=env_int("DSGW_MAX_LIVE_CONNECTIONS", cls.max_live_connections),
             sse_keepalive_ms=env_int("DSGW_SSE_KEEPALIVE_MS", cls.sse_keepalive_ms),
             live_recheck_ms=env_int("DSGW_LIVE_RECHECK_MS", cls.live_recheck_ms),
             max_body_bytes=env_int("DSGW_MAX_BODY_BYTES", cls.max_body_bytes),

@@ -18,12 +18,11 @@ def frame(event: str, payload: bytes) -> bytes:
     return b"event: " + event.encode() + b"\n" + b"".join(b"data:" + line + b"\n" for line in lines) + b"\n"
 
 
-def data_event(payloads: list[bytes], *, json_mode: bool, binary: bool) -> bytes:
-    """One data event for a batch of whole appends."""
+def data_event(body: bytes, *, json_mode: bool, binary: bool) -> bytes:
+    """One data event for a batch of whole appends: `body` as a read returns
+    it (JSON messages joined with ',', without brackets; bytes concatenated)."""
     if json_mode:
-        body = b"[" + b",".join(payloads) + b"]"
-    else:
-        body = b"".join(payloads)
+        body = b"[" + body + b"]"
     if binary:
         body = base64.b64encode(body)
     return frame("data", body)

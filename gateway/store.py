@@ -10,11 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
 from .keys import StreamKeys, stream_keys
 from .offsets import ZERO_ID, EntryId, entry_id_str, format_offset, parse_entry_id
 from .protocol import JSON_MEDIA_TYPE, ProblemError, bad_request, is_json
+from .redis_mux import Mux
 from .scripts import Scripts
 
 
@@ -48,8 +47,12 @@ class StreamMeta:
 
 @dataclass(slots=True)
 class ReadResult:
+    """A read: `body` holds `count` messages (JSON mode: their texts joined
+    with ',', without brackets; else the appends' bytes concatenated)."""
+
     meta: StreamMeta
-    entries: list[Entry]
+    body: bytes
+    count: int
     next_id: EntryId
 
     @property
@@ -104,6 +107,7 @@ def _text(value: bytes | str) -> str:
 
 
 def parse_meta(flat: list[Any]) -> StreamMeta:
+    """A stream's meta from HGETALL's flat [field, value, ...] reply."""
     m = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
     fofs, ttl, exp = m.get("fofs"), m.get("ttl"), m.get("exp")
     return StreamMeta(
@@ -122,17 +126,11 @@ def parse_meta(flat: list[Any]) -> StreamMeta:
 
 
 def parse_entries(raw: list[Any], cap: EntryId | None = None) -> list[Entry]:
-    """Entries from an XRANGE reply (raw from Lua, or redis-py's parsed form).
-
-    With `cap` (the fork offset a fork reads an ancestor up to), the entry at
-    the cap ends its append as far as that fork can see."""
+    """Entries from a raw XRANGE reply. With `cap` (the fork offset a fork
+    reads an ancestor up to), the entry at the cap ends its append as far as
+    that fork can see."""
     entries = []
-    for item in raw:
-        entry_id, fields = item[0], item[1]
-        if isinstance(fields, dict):
-            flat: list[Any] = [x for kv in fields.items() for x in kv]
-        else:
-            flat = fields
+    for entry_id, flat in raw:
         payload, more = b"", 0
         for i in range(0, len(flat), 2):
             field = flat[i]
@@ -160,12 +158,12 @@ class Store:
 
     def __init__(
         self,
-        redis: Redis,
+        mux: Mux,
         publish_command: str = "PUBLISH",
         sink_filter: Callable[[str], bool] = lambda name: True,
     ) -> None:
-        self.redis = redis
-        self.scripts = Scripts(redis)
+        self.mux = mux
+        self.scripts = Scripts(mux)
         self.publish_command = publish_command
         # Which JSON streams the Postgres sink receives, decided once at creation.
         self.sink_filter = sink_filter
@@ -252,7 +250,8 @@ class Store:
             )  # fmt: skip
 
     async def media_type_of(self, name: str) -> str:
-        media = await self.redis.hget(stream_keys(name).meta, "mt")
+        meta_key = stream_keys(name).meta
+        media = await self.mux.execute("HGET", meta_key, "mt", key=meta_key, retry_if_lost=True)
         if media is None:
             raise ProblemError(404, "Fork source not found", name)
         return _text(media)
@@ -278,30 +277,30 @@ class Store:
 
     async def _sub_offset_prefix(self, source: str, fork_id: EntryId, sub: int) -> Messages:
         """The first `sub` bytes (or messages, in JSON mode) of the source's
-        next append after the fork offset: the fork's first own append."""
-        meta_reply = await self.redis.hgetall(stream_keys(source).meta)
-        meta = parse_meta([x for kv in meta_reply.items() for x in kv])
-        # sub + 1 entries show whether the next append has more than sub messages.
-        entries = await self._read_view(source, meta, fork_id, None, sub + 1 if meta.json else 1)
-        if not entries:
+        next append after the fork offset: the fork's first own append. Reads
+        that one append at most, whatever `sub` says."""
+        meta = await self._meta(source)
+        first = await self._read_view(source, meta, fork_id, None, 1)
+        if not first:
             raise bad_request("Invalid Stream-Fork-Sub-Offset", "no data after the fork offset")
         if meta.json:
-            group: list[Entry] = []
-            for entry in entries:
-                group.append(entry)
-                if entry.more == 0:
-                    break
-            if group[-1].more == 0 and sub > len(group):
+            if sub > first[0].more + 1:  # `more`: messages of the append after this one
                 raise bad_request("Invalid Stream-Fork-Sub-Offset", "beyond the next append")
+            group = first if sub == 1 else await self._read_view(source, meta, fork_id, None, sub)
             return [e.payload for e in group[:sub]]
-        data = entries[0].payload
+        data = first[0].payload
         if sub > len(data):
             raise bad_request("Invalid Stream-Fork-Sub-Offset", "beyond the next append")
         return [data[:sub]]
 
+    async def _meta(self, name: str) -> StreamMeta:
+        meta_key = stream_keys(name).meta
+        return parse_meta(await self.mux.execute("HGETALL", meta_key, key=meta_key, retry_if_lost=True))
+
     async def _release_unowned(self, name: str, source: str) -> None:
         """Undo fork_acquire unless `name` already is a live fork of `source`."""
-        current = await self.redis.hget(stream_keys(name).meta, "src")
+        meta_key = stream_keys(name).meta
+        current = await self.mux.execute("HGET", meta_key, "src", key=meta_key, retry_if_lost=True)
         if current is None or _text(current) != source:
             await self.release_fork(source, name)
 
@@ -393,9 +392,11 @@ class Store:
         """Drop references of forks that are gone without releasing them (a
         gateway that died between deleting a fork and releasing its source):
         otherwise this soft-deleted stream would never go."""
-        for raw in await self.redis.smembers(stream_keys(name).forks):
+        forks_key = stream_keys(name).forks
+        for raw in await self.mux.execute("SMEMBERS", forks_key, key=forks_key, retry_if_lost=True):
             fork = _text(raw)
-            if not await self.redis.exists(stream_keys(fork).meta):
+            fork_meta = stream_keys(fork).meta
+            if not await self.mux.execute("EXISTS", fork_meta, key=fork_meta, retry_if_lost=True):
                 await self.release_fork(name, fork)
 
     # --- reads ------------------------------------------------------------------
@@ -411,83 +412,100 @@ class Store:
     ) -> ReadResult:
         """The stream's metadata and, unless `after` is None, its data after that
         offset: whole appends only, stopping after the append that crosses
-        `max_bytes`. 404/410 for missing or deleted streams."""
+        `max_bytes` (or `max_entries` entries). 404/410 for missing or deleted
+        streams."""
         keys = stream_keys(name)
-        args = ["" if after is None else entry_id_str(after), max_entries, "1" if touch else ""]
-        reply = await self.scripts.call("read", keys.all, args)
+        args = ["" if after is None else entry_id_str(after), max_bytes, "1" if touch else "", max_entries]
+        reply = await self.scripts.call("read", keys.all, args, changes_nothing=True)
         status = _text(reply[0])
-        if status != "live":
-            await self._raise_missing(name, status, reply)
-        meta = parse_meta(reply[1])
-        if after is None:
-            return ReadResult(meta, [], meta.tail)
-        entries = parse_entries(reply[2])
-        if meta.source and meta.fork_offset and after < meta.fork_offset:
-            inherited = await self._read_inherited(meta.source, after, meta.fork_offset, max_entries)
-            entries = inherited + entries if len(inherited) < max_entries else inherited
-        entries = await self._whole_appends(name, meta, entries, max_bytes)
-        # Past the tail (or nothing new) the next offset is the tail itself.
-        next_id = entries[-1].id if entries else meta.tail
-        return ReadResult(meta, entries, next_id)
+        if status == "live":
+            meta = parse_meta(reply[1])
+            if not reply[4]:
+                # Nothing new (or past the tail): the next offset is the tail itself.
+                return ReadResult(meta, b"", 0, meta.tail)
+            return ReadResult(meta, reply[2], reply[4], parse_entry_id(reply[3]))
+        if status == "fork":
+            assert after is not None
+            return await self._read_fork(name, parse_meta(reply[1]), after, max_bytes, max_entries)
+        await self._raise_missing(name, status, reply)
+        raise AssertionError(status)  # _raise_missing raised
 
-    async def _whole_appends(
-        self, name: str, meta: StreamMeta, entries: list[Entry], max_bytes: int
-    ) -> list[Entry]:
-        size = 0
-        for i, entry in enumerate(entries):
-            size += len(entry.payload)
-            if entry.more == 0 and size >= max_bytes:
-                entries = entries[: i + 1]
+    async def read_entries(self, name: str, after: EntryId, limit: int) -> tuple[StreamMeta, list[Entry]]:
+        """Up to `limit` messages after `after`, each with its entry ID: for
+        tools that print offsets per message (`dsgw tail`), not the hot path."""
+        result = await self.read(name, None, touch=False, max_bytes=0, max_entries=0)
+        return result.meta, await self._read_view(name, result.meta, after, None, limit)
+
+    async def _read_fork(
+        self, name: str, meta: StreamMeta, after: EntryId, max_bytes: int, max_entries: int
+    ) -> ReadResult:
+        """A fork read from below its fork offset: the inherited data along the
+        source chain, then (budget left) the fork's own."""
+        assert meta.source and meta.fork_offset
+        sep = b"," if meta.json else b""
+        parts: list[bytes] = []
+        count = 0
+        last = after
+        segments = await self._inherited_segments(meta.source, after, meta.fork_offset)
+        segments.append((stream_keys(name).data, max(after, meta.fork_offset), None))
+        for data_key, start, end in segments:
+            if count >= max_entries or sum(len(p) for p in parts) >= max_bytes:
                 break
-        if entries and entries[-1].more:
-            # The entry limit cut an append: fetch the rest of it.
-            rest = await self._read_view(name, meta, entries[-1].id, None, entries[-1].more)
-            entries += rest[: entries[-1].more]
-        return entries
-
-    async def _read_view(
-        self, name: str, meta: StreamMeta, after: EntryId, cap: EntryId | None, limit: int
-    ) -> list[Entry]:
-        """Entries after `after` as the stream `name` sees them (inherited
-        first), without any state checks: for fork bookkeeping."""
-        entries: list[Entry] = []
-        if meta.source and meta.fork_offset and after < meta.fork_offset:
-            upper = meta.fork_offset if cap is None else min(cap, meta.fork_offset)
-            entries = await self._read_inherited(meta.source, after, upper, limit)
-        if len(entries) < limit:
-            start = max(after, meta.fork_offset or ZERO_ID)
-            raw = await self.redis.xrange(
-                stream_keys(name).data,
-                f"({entry_id_str(start)}",
-                entry_id_str(cap) if cap else "+",
-                count=limit - len(entries),
+            budget = max(1, max_bytes - sum(len(p) for p in parts))
+            body, last_id, n = await self.scripts.call_range(
+                data_key, start, end, budget, max_entries - count, meta.json
             )
-            entries += parse_entries(raw or [], cap)
-        return entries
+            if n:
+                parts.append(body)
+                count += n
+                last = parse_entry_id(last_id)
+            if end is not None and last < end:
+                break  # this segment stopped early (budget): later ones wait for the next read
+        if not count:
+            return ReadResult(meta, b"", 0, meta.tail)
+        return ReadResult(meta, sep.join(parts), count, last)
 
-    async def _read_inherited(self, source: str, after: EntryId, cap: EntryId, limit: int) -> list[Entry]:
-        """Entries in (after, cap] along a fork's source chain, oldest first."""
-        segments: list[tuple[str, EntryId, EntryId]] = []
+    async def _inherited_segments(
+        self, source: str, after: EntryId, cap: EntryId
+    ) -> list[tuple[str, EntryId, EntryId | None]]:
+        """(data key, read after, up to) along a fork's source chain, oldest first."""
+        segments: list[tuple[str, EntryId, EntryId | None]] = []
         current: str | None = source
         upper = cap
         while current:
-            raw = await self.redis.hmget(stream_keys(current).meta, ["src", "fofs"])
-            src, fofs = raw[0], raw[1]
+            meta_key = stream_keys(current).meta
+            src, fofs = await self.mux.execute(
+                "HMGET", meta_key, "src", "fofs", key=meta_key, retry_if_lost=True
+            )
             lower = parse_entry_id(fofs) if src and fofs else ZERO_ID
             if upper > lower and upper > after:
                 segments.append((stream_keys(current).data, max(after, lower), upper))
             if not src or after >= lower:
                 break
             current, upper = _text(src), min(upper, lower)
+        segments.reverse()
+        return segments
+
+    async def _read_view(
+        self, name: str, meta: StreamMeta, after: EntryId, cap: EntryId | None, limit: int
+    ) -> list[Entry]:
+        """Up to `limit` entries after `after` as the stream `name` sees them
+        (inherited first), without any state checks: for fork bookkeeping."""
         entries: list[Entry] = []
-        for data_key, start, end in reversed(segments):
-            if len(entries) >= limit:
-                break
-            raw_entries = await self.redis.xrange(
-                data_key,
-                f"({entry_id_str(start)}",
-                entry_id_str(end),
-                count=limit - len(entries),
-            )
-            entries += parse_entries(raw_entries or [], end)
+        if meta.source and meta.fork_offset and after < meta.fork_offset:
+            upper = meta.fork_offset if cap is None else min(cap, meta.fork_offset)
+            for data_key, start, end in await self._inherited_segments(meta.source, after, upper):
+                if len(entries) >= limit:
+                    break
+                assert end is not None
+                entries += parse_entries(await self._xrange(data_key, start, end, limit - len(entries)), end)
+        if len(entries) < limit:
+            start = max(after, meta.fork_offset or ZERO_ID)
+            raw = await self._xrange(stream_keys(name).data, start, cap, limit - len(entries))
+            entries += parse_entries(raw, cap)
         return entries
+
+    async def _xrange(self, data_key: str, after: EntryId, upper: EntryId | None, count: int) -> list[Any]:
+        end = entry_id_str(upper) if upper else "+"
+        command = ("XRANGE", data_key, f"({entry_id_str(after)}", end, "COUNT", count)
+        return await self.mux.execute(*command, key=data_key, retry_if_lost=True) or []

@@ -28,7 +28,6 @@ from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 
 from gateway.protocol import JSON_MEDIA_TYPE, ProblemError
-from gateway.redis_client import reset_after
 from gateway.store import Store
 
 from .process import Backoff
@@ -131,7 +130,6 @@ class SourceWorker:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError, TimeoutError) as exc:
                 log.warning("source interrupted: %s: %s", type(exc).__name__, exc)
                 self.leader = False
-                await reset_after(self.store.redis, exc)
                 await backoff.wait(self.stop)
 
     async def _lead_and_publish(self) -> None:
@@ -292,10 +290,9 @@ async def run_source(settings: WorkerSettings) -> None:
     target = await connect(
         settings.redis_url, max_connections=8, pool_timeout_s=30, name=f"dsgw-source-{settings.consumer_name}"
     )
-    redis = target.client
     # The gateways' live readers listen with SSUBSCRIBE on Redis 7: publish the same way.
-    store = Store(redis, publish_command=target.publish_command, sink_filter=Settings.from_env().sink_filter)
+    store = Store(target.mux, publish_command=target.publish_command, sink_filter=Settings.from_env().sink_filter)
     try:
         await serve_until_stopped(SourceWorker(settings, store), settings)
     finally:
-        await redis.aclose()
+        await target.close()

@@ -23,7 +23,7 @@
 --   {'closed_dup', tail, seq}              retry of the append that closed the stream
 --   {'closed', tail}                       stream is closed
 --   {'absent'} | {'expired', src} | {'gone'}
---   {'ct_mismatch'} | {'stale', epoch} | {'epoch_seq'} | {'gap', expected}
+--   {'ct_mismatch', stream content type} | {'stale', epoch} | {'epoch_seq'} | {'gap', expected}
 --   {'seq_conflict'}                       Stream-Seq not above the last one
 --   {'source_dup', srcseq}                 source sequence not above the stream's last one
 
@@ -44,7 +44,7 @@ if m.closed then
 end
 
 if m.mt ~= ARGV[1] then
-  return {'ct_mismatch'}
+  return {'ct_mismatch', m.ct}
 end
 
 if pid ~= '' then

@@ -1,18 +1,23 @@
--- read: the stream's metadata and the entries after an offset, checked for
--- expiry in the same step; optionally restarts a sliding TTL.
+-- read: the stream's metadata and its data after an offset as one response
+-- body (see collect), checked for expiry in the same step; optionally restarts
+-- a sliding TTL.
 --
 -- Input:
 --   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the stream
 --   ARGV[1] read entries with IDs above this one ('ms-seq'), or '' for metadata only
---   ARGV[2] at most this many entries
+--   ARGV[2] stop after the append that brings the body to this many bytes
 --   ARGV[3] '1' to count this as an access (restarts a sliding TTL), else ''
+--   ARGV[4] ... or after this many entries (never inside an append)
 --
 -- Output:
---   {'live', meta_flat, entries}   entries as XRANGE returns them
+--   {'live', meta_flat, body, last_id, count}   last_id '' and count 0: no new data
+--   {'fork', meta_flat}            ARGV[1] lies below the fork offset: the caller
+--                                  reads the inherited data first (read_range.lua)
 --   {'gone', meta_flat}            soft-deleted
 --   {'absent'} | {'expired', src}
 
 -- @include common
+-- @include collect
 
 local now = now_ms()
 local state, m = stream_state(now)
@@ -28,8 +33,12 @@ end
 if ARGV[3] == '1' then
   touch(m, now)
 end
-local entries = {}
-if ARGV[1] ~= '' and not bytes_le(id_key(m.tail), id_key(ARGV[1])) then
-  entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+local after = ARGV[1]
+if after == '' or bytes_le(id_key(m.tail), id_key(after)) then
+  return {'live', flat, '', '', 0}
 end
-return {'live', flat, entries}
+if m.fofs and not bytes_le(id_key(m.fofs), id_key(after)) then
+  return {'fork', flat}
+end
+local body, last, count = collect(KEYS[2], after, '+', tonumber(ARGV[2]), tonumber(ARGV[4]), m.json and ',' or '')
+return {'live', flat, body, last, count}

@@ -212,3 +212,4 @@ end
 local function save_producer(pid, epoch_s, seq_s, now)
   redis.call('HSET', KEYS[3], pid, epoch_s .. ' ' .. seq_s .. ' ' .. int_str(now))
 end
+
