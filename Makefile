@@ -51,9 +51,13 @@ stack-down: ## Stop exactly what `make stack` started
 e2e: install ## Through the load balancer on a 3-master cluster: conformance, cross-replica delivery, kills, drains, sync scenarios
 	$(PY) -m pytest e2e -p no:cacheprovider
 
-bench: install ## Benchmarks with same-run baselines: appends vs the reference server, Postgres sync, live fan-out
-	$(PY) -m e2e.bench_append
+bench: install ## ds-gateway vs the reference server, same run, same load generator (~4 min; docs/performance.md)
+	$(PY) -m e2e.bench_compare $(BENCH_ARGS)
+
+bench-sync: install ## Postgres sink/source throughput and lag, with a same-run COPY baseline
 	$(PY) -m e2e.bench_sync
+
+bench-replicas: install ## Live delivery same replica vs across replicas (3 replicas, 3-master cluster)
 	$(PY) -m e2e.bench_fanout
 
 lint: $(STAMP) ## ruff and mypy
@@ -68,4 +72,4 @@ format: $(STAMP) ## Apply ruff's formatting and safe fixes
 clean: ## Remove the virtualenv, node_modules and caches (keeps ./data)
 	rm -rf $(VENV) e2e/node_modules e2e/bench/node_modules .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install run serve test test-unit test-integration conformance stack stack-down e2e bench lint format clean
+.PHONY: help install run serve test test-unit test-integration conformance stack stack-down e2e bench bench-sync bench-replicas lint format clean
