@@ -9,6 +9,8 @@ import re
 import time
 from datetime import datetime
 
+import orjson
+
 MAX_SAFE_INT = 2**53 - 1
 JSON_MEDIA_TYPE = "application/json"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
@@ -73,12 +75,23 @@ def sse_needs_base64(media: str) -> bool:
 # --- creation headers --------------------------------------------------------
 
 
+def _bounded_int(raw: str, pattern: re.Pattern[str], limit: int) -> int | None:
+    """`raw` as an int if it matches `pattern` and is at most `limit`, else None.
+    The length is checked before int(): Python refuses more than 4,300 digits."""
+    significant = raw.lstrip("0") or "0"
+    if not pattern.fullmatch(raw) or len(significant) > len(str(limit)):
+        return None
+    value = int(significant)
+    return value if value <= limit else None
+
+
 def parse_ttl(raw: str | None) -> int | None:
     if raw is None:
         return None
-    if not _DECIMAL_RE.fullmatch(raw) or int(raw) > MAX_SAFE_INT // 1000:
+    ttl = _bounded_int(raw, _DECIMAL_RE, MAX_SAFE_INT // 1000)
+    if ttl is None:
         raise bad_request("Invalid Stream-TTL", "must be a whole number of seconds")
-    return int(raw)
+    return ttl
 
 
 def parse_expires_at(raw: str | None) -> tuple[str, int] | None:
@@ -106,9 +119,10 @@ def parse_stream_closed(raw: str | None) -> bool:
 def parse_sub_offset(raw: str | None) -> int | None:
     if raw is None:
         return None
-    if not _DECIMAL_RE.fullmatch(raw) or int(raw) > MAX_SAFE_INT:
+    sub_offset = _bounded_int(raw, _DECIMAL_RE, MAX_SAFE_INT)
+    if sub_offset is None:
         raise bad_request("Invalid Stream-Fork-Sub-Offset", "must be a whole number")
-    return int(raw)
+    return sub_offset
 
 
 # --- producers -----------------------------------------------------------------
@@ -131,91 +145,273 @@ def parse_producer(
         raise bad_request("Empty Producer-Id")
     numbers = []
     for name, value in (("Producer-Epoch", epoch), ("Producer-Seq", seq)):
-        if not _DIGITS_RE.fullmatch(value) or int(value) > MAX_SAFE_INT:
+        number = _bounded_int(value, _DIGITS_RE, MAX_SAFE_INT)
+        if number is None:
             raise bad_request(f"Invalid {name}", "must be an integer from 0 to 2^53-1")
-        numbers.append(int(value))
+        numbers.append(number)
     return producer_id, numbers[0], numbers[1]
 
 
 # --- JSON mode -----------------------------------------------------------------
+#
+# A JSON body is validated without building it: an 8 MiB body of tiny objects
+# would take ~200 MB as Python objects. Small bodies, the hot path of every
+# append, go through orjson in one C call (the value it builds is small). Large
+# bodies, and the valid texts orjson refuses (`1e400`, `"\ud800"`), go through a
+# scanner: compiled regexes validate whole values of up to _REGEX_DEPTH levels
+# in C, and a loop with an explicit stack (no recursion) walks deeper nesting.
+# Either way a message's text is kept exactly as sent: numbers keep every digit.
 
+MAX_JSON_DEPTH = 512
+"""Deepest nesting of arrays and objects in one message (deeper is a 400), so
+that every later reader of the text can parse it: Python's json in the sink
+(recursion limit 1000), orjson (1024), Postgres jsonb, browsers."""
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+# orjson builds the value: about 6 MB for 256 KiB of tiny objects, and the
+# split runs without awaiting, so one body at a time per process.
+_ORJSON_MAX_BYTES = 256 * 1024
+# Nesting that one regex match validates; each level doubles the pattern (and
+# the time to compile it at import).
+_REGEX_DEPTH = 3
 _WHITESPACE = " \t\n\r"
+
+_WS = r"[ \t\n\r]*+"
+# Possessive quantifiers and atomic groups: no backtracking, so every match is linear.
+_STRING = r'"[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*+)*+"'
+_NUMBER = r"-?+(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?+(?:[eE][+-]?+[0-9]++)?+"
+_SCALAR = rf"(?>{_STRING}|{_NUMBER}|true|false|null)"
+_MEMBER_NAME = rf"{_STRING}{_WS}:{_WS}"
+
+
+def _one_level_deeper(inner: str) -> str:
+    """A value that is a scalar, or an array or object of `inner` values. A comma
+    must be followed by another item (no trailing comma)."""
+    array = rf"\[{_WS}(?:{inner}{_WS}(?:,{_WS}(?!\])|(?=\])))*+\]"
+    obj = rf"\{{{_WS}(?:{_MEMBER_NAME}{inner}{_WS}(?:,{_WS}(?!\}})|(?=\}})))*+\}}"
+    return rf"(?>{_SCALAR}|{array}|{obj})"
+
+
+_shallow_value = _SCALAR
+for _ in range(_REGEX_DEPTH):
+    _shallow_value = _one_level_deeper(_shallow_value)
+# [0]: a scalar; [1]: a value nested at most _REGEX_DEPTH deep (the scanner uses
+# [0] within _REGEX_DEPTH levels of MAX_JSON_DEPTH). _ARRAY_REST / _OBJECT_REST:
+# the next items of a container, as long as they are that shallow.
+_VALUE = [re.compile(p) for p in (_SCALAR, _shallow_value)]
+_ARRAY_REST = [re.compile(rf"(?:{_WS},{_WS}{p})*+") for p in (_SCALAR, _shallow_value)]
+_OBJECT_REST = [re.compile(rf"(?:{_WS},{_WS}{_MEMBER_NAME}{p})*+") for p in (_SCALAR, _shallow_value)]
+_MEMBER_NAME_RE = re.compile(_MEMBER_NAME)
+_WS_RE = re.compile(_WS)
+
+# The extent of one element of an array already known to be valid JSON: a
+# string, a number or literal, or a container nested at most _SPLIT_DEPTH deep.
+_SPLIT_DEPTH = 16
+_VALID_STRING = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_valid_container = rf"[\[{{][^\"\[\]{{}}]*+(?:{_VALID_STRING}[^\"\[\]{{}}]*+)*+[\]}}]"
+for _ in range(_SPLIT_DEPTH - 1):
+    _valid_container = (
+        rf"[\[{{][^\"\[\]{{}}]*+(?:(?:{_VALID_STRING}|{_valid_container})[^\"\[\]{{}}]*+)*+[\]}}]"
+    )
+# One element and what follows it: "," or the closing "]".
+_VALID_ELEMENT = re.compile(
+    rf"({_VALID_STRING}|{_valid_container}|[^\"\[\]{{}},{_WHITESPACE}]++){_WS}([,\]]){_WS}", re.DOTALL
+)
 
 
 def split_json_messages(body: bytes, *, allow_empty: bool, max_messages: int = 0) -> list[str]:
     """Validate a JSON body and return its messages as JSON texts.
 
     A top-level array is flattened one level (one message per element); any
-    other value is one message. Element texts are kept as sent, so numbers keep
-    every digit. More than `max_messages` (when set) is a 413, found without
-    parsing the rest of the body.
+    other value is one message. Texts are kept as sent, so numbers keep every
+    digit. More than `max_messages` (when set) is a 413, found without reading
+    the rest of a large body.
     """
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise bad_request("Invalid JSON", "body is not UTF-8") from None
-    try:
-        start = _skip_ws(text, 0)
-        if start < len(text) and text[start] == "[":
-            messages = _split_array(text, start, max_messages=max_messages)
-        else:
-            value_end = _decoder.raw_decode(text, start)[1]
-            if _skip_ws(text, value_end) != len(text):
-                raise ValueError("extra data after the JSON value")
-            messages = [text[start:value_end]]
-    except (ValueError, RecursionError) as exc:
-        raise bad_request("Invalid JSON", str(exc)[:200]) from None
+    messages = _split_small(body, max_messages) if len(body) <= _ORJSON_MAX_BYTES else None
+    if messages is None:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_request("Invalid JSON", "body is not UTF-8") from None
+        try:
+            messages = _split_text(text, element_depth=1, max_messages=max_messages)
+        except ValueError as exc:
+            raise bad_request("Invalid JSON", str(exc)[:200]) from None
     if not messages and not allow_empty:
         raise bad_request("Empty JSON array", "an append needs at least one message")
     return messages
 
 
+def _too_many(max_messages: int) -> ProblemError:
+    return ProblemError(413, "Too many messages", f"at most {max_messages} per append")
+
+
+def _split_small(body: bytes, max_messages: int) -> list[str] | None:
+    """The fast path: the messages if orjson finds the body valid, else None
+    (invalid, or one of the valid texts orjson refuses: the scanner decides)."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if len(body) > 2 * MAX_JSON_DEPTH and not _nests_at_most(body, MAX_JSON_DEPTH):
+        return None  # orjson takes 1024 levels: let the scanner refuse it
+    text = body.decode()  # orjson checked that it is UTF-8
+    if type(value) is not list:
+        return [text.strip(_WHITESPACE)]
+    if max_messages and len(value) > max_messages:
+        raise _too_many(max_messages)
+    return _valid_array_elements(text) if value else []
+
+
+_VALID_STRING_RE = re.compile(_VALID_STRING.encode(), re.DOTALL)
+_BRACKETS_TO_PARENS = bytes.maketrans(b"[]{}", b"()()")
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"\\')))
+
+
+def _nests_at_most(body: bytes, limit: int) -> bool:
+    """Whether the arrays and objects of a valid JSON body nest at most `limit`
+    deep: keep its brackets outside strings, remove innermost pairs level by level."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return True
+    skeleton = body.translate(None, _NOT_STRUCTURE)
+    if b"\\" in skeleton:  # an escaped quote may hide in a string: strip them properly
+        skeleton = _VALID_STRING_RE.sub(b"", body).translate(None, _NOT_STRUCTURE)
+    else:  # no escapes: every other '"' opens a string
+        skeleton = b"".join(skeleton.split(b'"')[::2])
+    brackets = skeleton.translate(_BRACKETS_TO_PARENS)
+    for _ in range(limit):
+        if not brackets:
+            return True
+        brackets = brackets.replace(b"()", b"")
+    return not brackets
+
+
+def _valid_array_elements(text: str) -> list[str] | None:
+    """The element texts of a valid, non-empty JSON array; None if an element is
+    nested too deep for _VALID_ELEMENT."""
+    messages = []
+    pos = _skip_ws(text, _skip_ws(text, 0) + 1)
+    for match in _VALID_ELEMENT.finditer(text, pos):
+        if match.start() != pos:
+            return None  # the element at pos is nested too deep: finditer skipped it
+        messages.append(match[1])
+        if match[2] == "]":
+            return messages
+        pos = match.end()
+    return None
+
+
 def _skip_ws(text: str, pos: int) -> int:
-    n = len(text)
-    while pos < n and text[pos] in _WHITESPACE:
-        pos += 1
-    return pos
+    return _WS_RE.match(text, pos).end()  # type: ignore[union-attr]  # matches the empty string
+
+
+def _split_text(text: str, *, element_depth: int, max_messages: int) -> list[str]:
+    """The scanner: a top-level array's element texts, or the one value's text.
+    `element_depth` is the nesting an element starts at (1: the array counts).
+    Raises ValueError if the text is not JSON."""
+    pos = _skip_ws(text, 0)
+    if not text.startswith("[", pos):
+        end = _value_end(text, pos, 0)
+        messages = [text[pos:end]]
+    else:
+        messages = []
+        end = _skip_ws(text, pos + 1)
+        if text.startswith("]", end):
+            end += 1
+        else:
+            while True:
+                pos = end
+                end = _value_end(text, pos, element_depth)
+                messages.append(text[pos:end])
+                if max_messages and len(messages) > max_messages:
+                    raise _too_many(max_messages)
+                end = _skip_ws(text, end)
+                if text.startswith("]", end):
+                    end += 1
+                    break
+                if not text.startswith(",", end):
+                    raise ValueError(f"expected ',' or ']' at char {end}")
+                end = _skip_ws(text, end + 1)
+    if _skip_ws(text, end) != len(text):
+        raise ValueError(f"extra data after the JSON value at char {end}")
+    return messages
+
+
+def _value_end(text: str, pos: int, depth: int) -> int:
+    """Where the JSON value starting at `pos` ends, `depth` containers deep.
+    Raises ValueError if there is no valid value there."""
+    match = _VALUE[depth + _REGEX_DEPTH <= MAX_JSON_DEPTH].match(text, pos)
+    if match:
+        return match.end()
+    # Nested deeper than one regex validates (or invalid): walk the containers,
+    # handing every shallow enough value and run of items back to the regexes.
+    closers: list[str] = []
+    while True:
+        # A value is expected at pos.
+        level = depth + len(closers)
+        match = _VALUE[level + _REGEX_DEPTH <= MAX_JSON_DEPTH].match(text, pos)
+        if match:
+            pos = match.end()
+        else:
+            opener = text[pos : pos + 1]
+            if opener not in ("[", "{"):
+                raise ValueError(f"expected a JSON value at char {pos}")
+            if level >= MAX_JSON_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            closer = "]" if opener == "[" else "}"
+            pos = _skip_ws(text, pos + 1)
+            if text.startswith(closer, pos):
+                pos += 1
+            else:
+                closers.append(closer)
+                if closer == "}":
+                    pos = _member_name_end(text, pos)
+                continue
+        # After a value: the next items of the innermost container, then its end.
+        while closers:
+            closer = closers[-1]
+            rest = (_ARRAY_REST if closer == "]" else _OBJECT_REST)[
+                depth + len(closers) + _REGEX_DEPTH <= MAX_JSON_DEPTH
+            ]
+            pos = _skip_ws(text, rest.match(text, pos).end())  # type: ignore[union-attr]
+            if text.startswith(",", pos):
+                pos = _skip_ws(text, pos + 1)
+                if closer == "}":
+                    pos = _member_name_end(text, pos)
+                break
+            if not text.startswith(closer, pos):
+                raise ValueError(f"expected ',' or '{closer}' at char {pos}")
+            closers.pop()
+            pos += 1
+        else:
+            return pos
+
+
+def _member_name_end(text: str, pos: int) -> int:
+    match = _MEMBER_NAME_RE.match(text, pos)
+    if match is None:
+        raise ValueError(f"expected a member name and ':' at char {pos}")
+    return match.end()
+
+
+def _int_or_float(digits: str) -> int | float:
+    # Python refuses to convert more than 4,300 digits (quadratic time); a float
+    # approximation is enough for what the sink reads from a message.
+    try:
+        return int(digits)
+    except ValueError:
+        return float(digits)
+
+
+_sink_decoder = json.JSONDecoder(parse_int=_int_or_float)
 
 
 def json_array_elements(text: str) -> list[tuple[str, object]]:
-    """(text as written, parsed value) of each element of a JSON array text."""
-    values: list[object] = []
-    texts = _split_array(text, _skip_ws(text, 0), values=values)
-    return list(zip(texts, values, strict=True))
-
-
-def _split_array(
-    text: str, start: int, *, max_messages: int = 0, values: list[object] | None = None
-) -> list[str]:
-    messages: list[str] = []
-    pos = _skip_ws(text, start + 1)
-    if pos < len(text) and text[pos] == "]":
-        pos += 1
-    else:
-        while True:
-            value, end = _decoder.raw_decode(text, pos)
-            messages.append(text[pos:end])
-            if values is not None:
-                values.append(value)
-            if max_messages and len(messages) > max_messages:
-                raise ProblemError(413, "Too many messages", f"at most {max_messages} per append")
-            pos = _skip_ws(text, end)
-            if pos < len(text) and text[pos] == ",":
-                pos = _skip_ws(text, pos + 1)
-                continue
-            if pos < len(text) and text[pos] == "]":
-                pos += 1
-                break
-            raise ValueError("expected ',' or ']' in array")
-    if _skip_ws(text, pos) != len(text):
-        raise ValueError("extra data after the JSON array")
-    return messages
+    """(text as written, parsed value) of each element of a JSON array text
+    whose elements are messages this module accepted (the sink's feed entries)."""
+    if not text[_skip_ws(text, 0) :].startswith("["):
+        raise ValueError("not a JSON array")
+    texts = _split_text(text, element_depth=0, max_messages=0)
+    return [(element, _sink_decoder.decode(element)) for element in texts]
 
 
 # --- cursors ---------------------------------------------------------------------

@@ -144,3 +144,39 @@ def test_sse_frames_split_every_line_break_and_cannot_inject_events():
     )
     closed = sse.control_event("0_1", cursor="5", up_to_date=True, closed=True)
     assert b"streamCursor" not in closed and b'"streamClosed":true' in closed
+
+
+HUGE = "9" * 5000  # beyond Python's 4,300-digit int() limit
+
+
+@pytest.mark.parametrize(
+    ("parse", "args"),
+    [
+        (parse_ttl, (HUGE,)),
+        (parse_sub_offset, (HUGE,)),
+        (parse_sub_offset, ("1" + "0" * 4999,)),
+        (parse_producer, ("p", HUGE, "0")),
+        (parse_producer, ("p", "0", HUGE)),
+        (parse_producer, ("p", "0" * 5000 + "1" + "0" * 4999, "0")),
+    ],
+)
+def test_numeric_headers_with_thousands_of_digits_are_400_not_a_crash(parse, args):
+    with pytest.raises(ProblemError) as err:
+        parse(*args)
+    assert err.value.status == 400
+
+
+def test_numeric_headers_keep_their_bounds_exactly():
+    limit = 2**53 - 1
+    assert parse_sub_offset(str(limit)) == limit
+    assert parse_ttl(str(limit // 1000)) == limit // 1000
+    assert parse_producer("p", str(limit), str(limit)) == ("p", limit, limit)
+    # Producer numbers may carry leading zeros; only significant digits count.
+    assert parse_producer("p", "0" * 5000 + "7", "0" * 30 + str(limit)) == ("p", 7, limit)
+    for parse, args in [
+        (parse_sub_offset, (str(limit + 1),)),
+        (parse_ttl, (str(limit // 1000 + 1),)),
+        (parse_producer, ("p", "0", str(limit + 1))),
+    ]:
+        with pytest.raises(ProblemError):
+            parse(*args)
