@@ -1,20 +1,150 @@
-"""The `dsgw` command."""
+"""The `dsgw` command.
+
+Every expected failure (Redis or Postgres unreachable, a missing table or
+stream, a bad option, Ctrl-C) ends with one line on stderr and a non-zero exit
+code; tracebacks are kept for bugs. Without REDIS_URL / DATABASE_URL the
+commands use the instance `dsgw dev` (make run) is running from DSGW_DATA_DIR
+(its DATA_DIR/dev.json)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
+import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import typer
 
-app = typer.Typer(help="ds-gateway: Durable Streams on Redis Streams.", no_args_is_help=True)
+from . import __version__
+
+app = typer.Typer(
+    help="ds-gateway: Durable Streams on Redis Streams.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+
+
+class CliError(Exception):
+    """An expected failure: one line on stderr, exit code 1."""
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dsgw {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """ds-gateway: Durable Streams on Redis Streams, synced with Postgres."""
+
+
+# --- where Redis and Postgres are --------------------------------------------------
+
+# The URLs this command uses, for error messages.
+_using: dict[str, str] = {}
+
+
+def masked(url: str) -> str:
+    """`url` with its password replaced by ***, for messages and listings."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if not parts.password:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def dev_urls() -> tuple[str, str, str]:
+    """(redis_url, database_url, where) of the `dsgw dev` running from the data
+    dir, empty strings when none runs."""
+    from . import devstate
+
+    data_dir = devstate.data_dir_from_env()
+    state = devstate.read(data_dir)
+    if state is None:
+        return "", "", str(data_dir / devstate.STATE_FILE)
+    return state.redis_url, state.database_url, str(data_dir / devstate.STATE_FILE)
+
+
+def _url(env: str, index: int, what: str) -> str:
+    url = os.environ.get(env, "").strip() or dev_urls()[index]
+    if not url:
+        from .devstate import data_dir_from_env
+
+        raise CliError(
+            f"{env} is not set and no `dsgw dev` runs from {data_dir_from_env()}/"
+            f" (start one with `make run`, or export {env} for your {what})"
+        )
+    _using[what] = url
+    return url
+
+
+def redis_url() -> str:
+    return _url("REDIS_URL", 0, "Redis")
+
+
+def database_url() -> str:
+    return _url("DATABASE_URL", 1, "Postgres")
+
+
+async def _target():  # type: ignore[no-untyped-def]
+    """A connection to Redis (a RedisTarget: client and mux)."""
+    from .redis_client import connect
+
+    return await connect(redis_url(), max_connections=8, name=f"dsgw-cli-{os.getpid()}")
+
+
+async def _postgres():  # type: ignore[no-untyped-def]
+    import asyncpg
+
+    return await asyncpg.connect(database_url(), timeout=10)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, with Redis and Postgres failures turned into one-line CliErrors."""
+    import asyncio
+
+    import asyncpg
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import RedisError
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    from .protocol import ProblemError
+
+    redis_at = lambda: masked(_using.get("Redis", "?"))  # noqa: E731
+    pg_at = lambda: masked(_using.get("Postgres", "?"))  # noqa: E731
+    try:
+        return asyncio.run(coro)
+    except (RedisConnectionError, RedisTimeout) as exc:
+        raise CliError(f"cannot reach Redis at {redis_at()}: {exc}") from None
+    except RedisError as exc:
+        raise CliError(f"Redis at {redis_at()} answered: {exc}") from None
+    except asyncpg.PostgresError as exc:
+        raise CliError(f"Postgres at {pg_at()}: {exc}") from None
+    except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        # Redis connections are made first by every command that uses both.
+        where = f"Postgres at {pg_at()}" if "Postgres" in _using else f"Redis at {redis_at()}"
+        raise CliError(f"cannot reach {where}: {exc or type(exc).__name__}") from None
+    except ProblemError as exc:
+        raise CliError(f"{exc.title}{': ' + exc.detail if exc.detail else ''}") from None
+
+
+# --- running -------------------------------------------------------------------------
 
 
 @app.command()
@@ -28,7 +158,7 @@ def serve(
 
     settings = Settings.from_env()
     if not settings.redis_url:
-        raise typer.BadParameter("REDIS_URL is not set (use `dsgw dev` for an embedded Redis)")
+        raise CliError("REDIS_URL is not set (use `dsgw dev` for an embedded Redis)")
     _exit_zero_after_drain()
     metrics_dir = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -63,9 +193,9 @@ def _run_uvicorn(host: str, port: int, workers: int) -> None:
 
 def _exit_zero_after_drain() -> None:
     """uvicorn drains on SIGTERM, then re-raises the signal, which would end the
-    process as killed by it; a clean drain should exit 0 instead."""
+    process as killed by it; a clean drain should exit 0 instead (and run the
+    callers' `finally` blocks)."""
     import signal
-    import sys
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
@@ -82,72 +212,41 @@ def dev(
     """Run everything on one machine: the gateway, one sink and one source
     worker, plus an embedded Redis (AOF on, DATA_DIR/redis) when REDIS_URL is
     not set and an embedded Postgres (DATA_DIR/pg) when DATABASE_URL is not set.
+    Refuses to start when a port it needs is taken; restarts a child that dies.
     Ctrl-C stops it all; the data stays for the next run."""
-    import signal
-    import subprocess
-    import sys
+    from . import devstate
+    from .dev import DevError, Supervisor, current_state, plan_from_env, start_all
 
-    from .embedded import start_postgres, start_redis
-
-    # uvicorn re-raises the SIGTERM it drained on; turn that into an exception
-    # so that the `finally` below still stops the workers and servers.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    data_dir = data_dir.resolve()
-    stop_last: list = []  # servers and workers, stopped in reverse order
+    _exit_zero_after_drain()
+    say = lambda message: typer.echo(message, err=True)  # noqa: E731
+    supervisor = Supervisor(say=say)
     try:
-        if not os.environ.get("REDIS_URL"):
-            redis_proc = start_redis(
-                data_dir / "redis",
-                # Fixed ports keep the printed commands valid across restarts.
-                port=int(os.environ.get("DSGW_DEV_REDIS_PORT", "6390")),
-                persistent=True,
-                path_min_version=(7, 0),
-                log_file=data_dir / "redis.log",
-            )
-            stop_last.append(redis_proc)
-            os.environ["REDIS_URL"] = redis_proc.url
-        if workers and not os.environ.get("DATABASE_URL"):
-            pg_proc = start_postgres(
-                data_dir / "pg",
-                port=int(os.environ.get("DSGW_DEV_POSTGRES_PORT", "6391")),
-                log_file=data_dir / "postgres.log",
-            )
-            stop_last.append(pg_proc)
-            os.environ["DATABASE_URL"] = pg_proc.url
-        if workers:
-            for kind in ("sink", "source"):
-                log = open(data_dir / f"{kind}.log", "ab")  # noqa: SIM115
-                child = subprocess.Popen(
-                    [sys.executable, "-m", "gateway.cli", "worker", kind],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-                stop_last.append(_Child(child))
-        base_url = f"http://{host}:{port}"
-        redis_url = os.environ["REDIS_URL"]
-        typer.echo(f"BASE_URL={base_url}")
-        typer.echo(f"REDIS_URL={redis_url}")
-        if workers:
-            typer.echo(f"DATABASE_URL={os.environ['DATABASE_URL']}")
-            typer.echo(f"workers:  sink and source, logs in {data_dir}/{{sink,source}}.log")
-        typer.echo(f"inspect:  redis-cli -u {redis_url} --scan --pattern 'ds:*:meta'")
-        typer.echo(f"try:      curl -X PUT -H 'content-type: application/json' {base_url}/v1/stream/hello")
+        plan = plan_from_env(host, port, data_dir, workers)
+        state = start_all(plan, supervisor)
+        supervisor.on_restart = lambda: devstate.write(plan.data_dir, current_state(plan, supervisor))
+        state_path = devstate.write(plan.data_dir, state)
+        _print_dev_summary(state, plan.data_dir, state_path)
+        supervisor.run_in_background()
         _run_uvicorn(host, port, workers=1)
+    except DevError as exc:
+        raise CliError(str(exc)) from None
     finally:
-        for proc in reversed(stop_last):
-            proc.stop()
+        supervisor.stop()
+        devstate.remove(data_dir.resolve(), os.getpid())
 
 
-class _Child:
-    """A worker child of `dsgw dev`: SIGTERM makes it drain and exit."""
-
-    def __init__(self, proc) -> None:  # type: ignore[no-untyped-def]
-        self.proc = proc
-
-    def stop(self) -> None:
-        from .embedded import stop_child
-
-        stop_child(self.proc)
+def _print_dev_summary(state: Any, data_dir: Path, state_path: Path) -> None:
+    typer.echo(f"BASE_URL={state.base_url}")
+    typer.echo(f"REDIS_URL={state.redis_url}")
+    if state.database_url:
+        typer.echo(f"DATABASE_URL={state.database_url}")
+        metrics = ", ".join(f"{k} {v}" for k, v in state.worker_metrics.items())
+        typer.echo(f"workers:  sink and source, logs in {data_dir}/{{sink,source}}.log; metrics: {metrics}")
+    typer.echo(f"state:    {state_path} (dsgw streams / info / tail / publish find this instance there)")
+    typer.echo(f"inspect:  redis-cli -u {state.redis_url} --scan --pattern 'ds:*:meta'")
+    typer.echo(
+        f"try:      curl -i -X PUT -H 'content-type: application/json' {state.base_url}/v1/stream/hello"
+    )
 
 
 worker_app = typer.Typer(help="Postgres sync workers.", no_args_is_help=True)
@@ -157,53 +256,51 @@ app.add_typer(worker_app, name="worker")
 def _worker_settings():  # type: ignore[no-untyped-def]
     from workers.settings import WorkerSettings
 
-    settings = WorkerSettings.from_env()
-    if not settings.redis_url or not settings.database_url:
-        raise typer.BadParameter("REDIS_URL and DATABASE_URL must be set")
-    return settings
+    # Fill in a running `dsgw dev`'s URLs, so a hand-started worker joins it.
+    os.environ["REDIS_URL"], os.environ["DATABASE_URL"] = redis_url(), database_url()
+    return WorkerSettings.from_env()
 
 
 @worker_app.command("sink")
 def worker_sink() -> None:
     """Stream -> Postgres: write every message of synced JSON streams to session_events."""
-    import asyncio
-
     from workers.sink import run_sink
 
     from . import logs
 
+    settings = _worker_settings()
     logs.setup(os.environ.get("DSGW_LOG_LEVEL", "INFO"))
-    asyncio.run(run_sink(_worker_settings()))
+    _run(run_sink(settings))
 
 
 @worker_app.command("source")
 def worker_source() -> None:
     """Postgres -> stream: append changes of published tables as STATE-PROTOCOL messages."""
-    import asyncio
-
     from workers.source import run_source
 
     from . import logs
 
+    settings = _worker_settings()
     logs.setup(os.environ.get("DSGW_LOG_LEVEL", "INFO"))
-    asyncio.run(run_source(_worker_settings()))
+    _run(run_source(settings))
 
 
-def _database_url() -> str:
-    url = os.environ.get("DATABASE_URL", "")
-    if not url:
-        raise typer.BadParameter("DATABASE_URL is not set")
-    return url
+# --- Postgres ------------------------------------------------------------------------
 
 
 @app.command()
 def migrate() -> None:
     """Apply the schema migrations in workers/sql/ to DATABASE_URL."""
-    import asyncio
+    from workers.migrate import migrate as apply
 
-    from workers.migrate import migrate_url
+    async def run() -> list[str]:
+        conn = await _postgres()
+        try:
+            return await apply(conn)
+        finally:
+            await conn.close()
 
-    applied = asyncio.run(migrate_url(_database_url()))
+    applied = _run(run())
     typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 
 
@@ -213,78 +310,61 @@ def publish(
     stream: str = typer.Option(..., "--stream", help="Stream that receives the changes."),
 ) -> None:
     """Publish every committed change of TABLE to STREAM (idempotent)."""
-    import asyncio
+    from workers.migrate import migrate as apply
+    from workers.source import publish as install
 
     async def run() -> list[str]:
-        import asyncpg
-
-        from workers.migrate import migrate
-        from workers.source import publish as install
-
-        conn = await asyncpg.connect(_database_url())
+        conn = await _postgres()
         try:
-            await migrate(conn)
+            await apply(conn)
             return await install(conn, table, stream)
         finally:
             await conn.close()
 
     try:
-        key_columns = asyncio.run(run())
+        key_columns = _run(run())
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    if os.environ.get("REDIS_URL"):
-        asyncio.run(_create_json_stream(stream))
+        raise CliError(str(exc)) from None
+    # The source worker creates the stream too; creating it now lets readers attach at once.
+    if os.environ.get("REDIS_URL") or dev_urls()[0]:
+        _run(_create_json_stream(stream))
     typer.echo(f"publishing {table} (key: {', '.join(key_columns)}) to {stream}")
 
 
 async def _create_json_stream(name: str) -> None:
-    from .redis_client import connect
     from .settings import Settings
     from .store import Store
 
-    target = await connect(os.environ["REDIS_URL"], max_connections=4)
+    target = await _target()
     try:
         store = Store(
-            target.client, publish_command=target.publish_command, sink_filter=Settings.from_env().sink_filter
+            target.mux, publish_command=target.publish_command, sink_filter=Settings.from_env().sink_filter
         )
         await store.create_json_stream(name)
     finally:
-        await target.client.aclose()
+        await target.close()
 
 
 @app.command()
 def unpublish(table: str = typer.Argument(..., help="Table to stop publishing.")) -> None:
     """Stop publishing TABLE (the stream and its messages stay)."""
-    import asyncio
+    from workers.source import unpublish as remove
 
     async def run() -> None:
-        import asyncpg
-
-        from workers.source import unpublish as remove
-
-        conn = await asyncpg.connect(_database_url())
+        conn = await _postgres()
         try:
             await remove(conn, table)
         finally:
             await conn.close()
 
     try:
-        asyncio.run(run())
+        _run(run())
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise CliError(str(exc)) from None
     typer.echo(f"stopped publishing {table}")
 
 
-# --- inspection -------------------------------------------------------------------
-
-
-async def _redis():  # type: ignore[no-untyped-def]
-    from .redis_client import connect
-
-    url = os.environ.get("REDIS_URL", "")
-    if not url:
-        raise typer.BadParameter("REDIS_URL is not set")
-    return (await connect(url, max_connections=8, name=f"dsgw-cli-{os.getpid()}")).client
+# --- inspection ----------------------------------------------------------------------
 
 
 def _print_json(value: object) -> None:
@@ -293,33 +373,43 @@ def _print_json(value: object) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
 
 
+def _print_rows(headers: list[str], rows: list[list[str]], title: str = "") -> None:
+    """A table on a terminal; tab-separated lines (nothing cut) when piped."""
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*headers, title=title or None)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    for row in [headers, *rows]:
+        typer.echo("\t".join(cell.replace("\t", " ").replace("\n", " ") for cell in row))
+
+
 @app.command()
 def streams(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """List the streams: name, content type, messages, bytes, closed, TTL."""
-    import asyncio
-
-    from rich.console import Console
-    from rich.table import Table
-
+    """List the streams: name, content type, messages, bytes, closed, TTL (tab-separated when piped)."""
     from .inspect import list_streams
 
     async def run() -> list[dict]:
-        redis = await _redis()
+        target = await _target()
         try:
-            return await list_streams(redis)
+            return await list_streams(target.client)
         finally:
-            await redis.aclose()
+            await target.close()
 
-    rows = asyncio.run(run())
+    rows = _run(run())
     if as_json:
         _print_json(rows)
         return
-    table = Table("name", "content type", "messages", "bytes", "closed", "ttl / expires")
+    table = []
     for r in rows:
         state = "yes" if r["closed"] else ("deleted" if r["deleted"] else "")
         expiry = f"{r['ttl']} s" if r["ttl"] is not None else (r["expires_at"] or "")
-        table.add_row(r["name"], r["content_type"], str(r["messages"]), str(r["bytes"]), state, expiry)
-    Console().print(table)
+        table.append([r["name"], r["content_type"], str(r["messages"]), str(r["bytes"]), state, expiry])
+    _print_rows(["name", "content type", "messages", "bytes", "closed", "ttl / expires"], table)
 
 
 @app.command()
@@ -328,86 +418,146 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """A stream's state: metadata, producers (epoch, seq), forks, sink lag, Redis keys."""
-    import asyncio
-
-    from rich.console import Console
-    from rich.table import Table
-
     from .inspect import stream_info
 
     async def run() -> dict | None:
-        redis = await _redis()
+        target = await _target()
         try:
-            return await stream_info(redis, name)
+            return await stream_info(target.client, name)
         finally:
-            await redis.aclose()
+            await target.close()
 
-    data = asyncio.run(run())
+    data = _run(run())
     if data is None:
-        typer.echo(f"no stream named {name}", err=True)
-        raise typer.Exit(1)
+        raise CliError(f"no stream named {name}")
     if as_json:
         _print_json(data)
         return
-    console = Console()
-    overview = Table("field", "value", title=f"stream {name}")
+    overview = []
     for field in ("content_type", "tail_offset", "messages", "bytes", "closed", "deleted", "ttl", "expires_at",
                   "forked_from", "fork_offset", "stream_seq", "synced_to_postgres"):  # fmt: skip
-        overview.add_row(field, "" if data[field] is None else str(data[field]))
-    overview.add_row("forks", ", ".join(data["forks"]))
+        overview.append([field, "" if data[field] is None else str(data[field])])
+    overview.append(["forks", ", ".join(data["forks"])])
     if data["sink"]:
-        overview.add_row("sink backlog (shard)", str(data["sink"].get("backlog")))
-        overview.add_row("sink oldest age ms", str(data["sink"].get("oldest_age_ms")))
+        overview.append(["sink backlog (shard)", str(data["sink"].get("backlog"))])
+        overview.append(["sink oldest age ms", str(data["sink"].get("oldest_age_ms"))])
     for label, key in data["keys"].items():
-        overview.add_row(f"key: {label}", key)
-    console.print(overview)
-    producers = Table("producer", "epoch", "seq", "updated", title="producers")
+        overview.append([f"key: {label}", key])
+    _print_rows(["field", "value"], overview, title=f"stream {name}")
+    producers = []
     for p in data["producers"]:
         updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(p["updated_ms"] / 1000))
-        producers.add_row(p["id"], str(p["epoch"]), str(p["seq"]), updated)
-    console.print(producers)
+        producers.append([p["id"], str(p["epoch"]), str(p["seq"]), updated])
+    if producers or sys.stdout.isatty():
+        _print_rows(["producer", "epoch", "seq", "updated"], producers, title="producers")
 
 
 @app.command()
 def tail(
     name: str = typer.Argument(..., help="Stream name."),
-    from_offset: str = typer.Option("-1", "--from", help="Start after this offset (-1: the beginning)."),
+    from_offset: str = typer.Option(
+        "-1", "--from", help="Start after this offset: -1 the beginning, now only new messages."
+    ),
+    lines: int = typer.Option(None, "-n", "--lines", min=0, help="Start with the last N messages."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep waiting for new messages."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per message: offset and message."),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help='NDJSON: one {"offset", "message"} object per line, JSON messages as JSON values.',
+    ),
 ) -> None:
-    """Print a stream's messages (JSON as text, text as is, binary as base64)."""
-    import asyncio
-    import json
-
+    """Print a stream's messages (JSON as text, text as is, binary as base64), one per line."""
+    from .inspect import NOW
     from .inspect import tail as read_tail
     from .offsets import ZERO_ID, BadOffset, parse_offset
-    from .protocol import ProblemError
 
-    try:
-        after = ZERO_ID if from_offset == "-1" else parse_offset(from_offset)
-    except BadOffset:
-        raise typer.BadParameter(f"not an offset: {from_offset}") from None
+    start: Any
+    if from_offset == "-1":
+        start = ZERO_ID
+    elif from_offset == "now":
+        start = NOW
+    else:
+        try:
+            start = parse_offset(from_offset)
+        except BadOffset:
+            raise typer.BadParameter(
+                f"{from_offset!r} is not an offset (use -1, now, or an offset dsgw tail printed)",
+                param_hint="--from",
+            ) from None
+    if lines is not None and from_offset != "-1":
+        raise typer.BadParameter("use either -n or --from, not both", param_hint="-n")
 
     async def run() -> None:
-        redis = await _redis()
+        target = await _target()
         try:
-            async for offset, text in read_tail(redis, name, after, follow):
-                if as_json:
-                    typer.echo(json.dumps({"offset": offset, "message": text}))
-                else:
-                    typer.echo(f"{offset}  {text}")
-        except ProblemError as exc:
-            typer.echo(f"{name}: {exc.title}", err=True)
-            raise typer.Exit(1) from None
+            async for message in read_tail(target, name, start, follow=follow, last=lines):
+                typer.echo(message.ndjson() if as_json else f"{message.offset}  {message.text}")
         finally:
-            await redis.aclose()
+            await target.close()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
+    _run(run())
 
 
-def main() -> None:
-    app()
+# --- configuration -------------------------------------------------------------------
+
+
+@app.command("check-config")
+def check_config(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Print the effective settings and what is wrong with them (Redis and Postgres
+    included); exit code 1 when something is."""
+    from .configcheck import check
+
+    report = _run(check(masked))
+    if as_json:
+        _print_json(report)
+    else:
+        for section in ("gateway", "workers", "dev"):
+            typer.echo(f"[{section}]")
+            for key, value in report["settings"][section].items():
+                typer.echo(f"  {key} = {value}")
+            if not report["settings"][section]:
+                typer.echo("  (unreadable: see the problems below)")
+        if report["problems"]:
+            typer.echo("problems:")
+            for problem in report["problems"]:
+                typer.echo(f"  {problem['level']}: {problem['message']}")
+        errors = sum(1 for p in report["problems"] if p["level"] == "error")
+        warnings = len(report["problems"]) - errors
+        typer.echo(f"{errors} error(s), {warnings} warning(s)" if report["problems"] else "ok")
+    if any(p["level"] == "error" for p in report["problems"]):
+        raise typer.Exit(1)
+
+
+# --- entry point ---------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI: expected failures end with one line on stderr, not a traceback."""
+    from .dev import DevError
+    from .embedded import EmbeddedError
+
+    # click's exceptions, wherever this typer takes click from (newer ones vendor it).
+    click = sys.modules[typer.BadParameter.__module__]
+    no_args = getattr(click, "NoArgsIsHelpError", ())
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="dsgw", standalone_mode=False)
+    except no_args as exc:  # type: ignore[misc]
+        typer.echo(exc.format_message(), err=True)
+        code = 2
+    except click.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        typer.echo(f"dsgw: {exc.format_message()}{hint}", err=True)
+        code = exc.exit_code
+    except click.ClickException as exc:
+        typer.echo(f"dsgw: {exc.format_message()}", err=True)
+        code = exc.exit_code
+    except (CliError, DevError, EmbeddedError) as exc:
+        typer.echo(f"dsgw: {exc}", err=True)
+        code = 1
+    except (KeyboardInterrupt, typer.Abort):
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -164,10 +164,33 @@ def start_redis(
     )
     try:
         wait_for_port(port, proc=proc)
+        _wait_until_redis_is(proc, port)
     except EmbeddedError:
         proc.kill()
         raise
     return RedisProcess(proc, port, binary, data_dir)
+
+
+def _wait_until_redis_is(proc: subprocess.Popen, port: int, timeout_s: float = 15.0) -> None:
+    """Make sure the Redis answering on `port` is `proc`, not another one that
+    already listened there (ours then exits with "address in use"): never hand
+    out the URL of someone else's Redis."""
+    import redis
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EmbeddedError(f"redis-server exited with {proc.returncode}: is port {port} already in use?")
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+        try:
+            if int(client.info("server")["process_id"]) == proc.pid:
+                return
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()
+        time.sleep(0.05)
+    raise EmbeddedError(f"port {port} is answered by another process than our redis-server")
 
 
 # --- Postgres -------------------------------------------------------------------
@@ -306,10 +329,13 @@ def start_postgres(
     try:
         wait_for_port(port, timeout_s=60, proc=proc)
         # Listening is not ready: after a crash or restart Postgres first recovers.
+        # Ask through our own socket directory: Postgres creates its socket there
+        # only after it bound the TCP port, so another server on that port can
+        # never pass for ours.
         deadline = time.monotonic() + 60
         while (
             subprocess.run(
-                [str(bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)], check=False
+                [str(bin_dir / "pg_isready"), "-q", "-h", str(socket_dir), "-p", str(port)], check=False
             ).returncode
             != 0
         ):

@@ -4,8 +4,12 @@ Redis, the same keys a user would look at with redis-cli."""
 from __future__ import annotations
 
 import base64
+import collections
+import enum
+import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -13,7 +17,8 @@ from redis.asyncio import Redis
 from .keys import META_SCAN_PATTERN, name_from_meta_key, stream_keys
 from .offsets import ZERO_ID, EntryId, format_offset, parse_entry_id
 from .protocol import sse_needs_base64
-from .store import Store, parse_meta
+from .redis_client import RedisTarget
+from .store import Store, StreamMeta, parse_meta
 
 
 def _text(value: bytes | str) -> str:
@@ -116,28 +121,97 @@ async def shard_sink_lag(redis: Redis, feed: str) -> dict[str, Any]:
     return {"feed": feed, "group": GROUP, "backlog": backlog, "oldest_age_ms": max(0, age_ms)}
 
 
-def render_payload(payload: bytes, json_mode: bool, media_type: str) -> str:
-    if json_mode or not sse_needs_base64(media_type):
-        return payload.decode(errors="replace")
-    return base64.b64encode(payload).decode()
+class Kind(enum.StrEnum):
+    """How `dsgw tail` shows a message."""
+
+    JSON = "json"  # a JSON stream's message: its JSON text
+    TEXT = "text"  # a text stream's append, as text
+    BASE64 = "base64"  # any other append, base64 of its bytes
+
+
+@dataclass(frozen=True)
+class Message:
+    offset: str
+    text: str
+    kind: Kind
+
+    def ndjson(self) -> str:
+        """One line of JSON: {"offset", "message"} with a JSON message as a JSON value
+        (its digits kept as sent), other messages as strings."""
+        if self.kind is Kind.JSON:
+            # A JSON text holds raw line breaks only between tokens (inside
+            # strings they are escaped), so this keeps it one valid line.
+            value = self.text.replace("\r", " ").replace("\n", " ")
+        else:
+            value = json.dumps(self.text)
+        encoding = ',"encoding":"base64"' if self.kind is Kind.BASE64 else ""
+        return f'{{"offset":"{self.offset}","message":{value}{encoding}}}'
+
+
+def to_message(entry_id: EntryId, payload: bytes, json_mode: bool, media_type: str) -> Message:
+    if json_mode:
+        kind = Kind.JSON
+    elif sse_needs_base64(media_type):
+        kind = Kind.BASE64
+    else:
+        kind = Kind.TEXT
+    text = base64.b64encode(payload).decode() if kind is Kind.BASE64 else payload.decode(errors="replace")
+    return Message(format_offset(entry_id), text, kind)
+
+
+# `tail`'s start for "only messages appended from now on".
+NOW = "now"
+
+
+async def _start_of_last(target: RedisTarget, store: Store, name: str, meta: StreamMeta, n: int) -> EntryId:
+    """The offset after which the stream's last `n` messages come."""
+    if n == 0:
+        return meta.tail
+    # Usually the stream's own data key holds them: one XREVRANGE.
+    newest = await target.client.xrevrange(stream_keys(name).data, count=n + 1)
+    if len(newest) == n + 1:
+        return parse_entry_id(newest[-1][0])
+    if not meta.source:
+        return ZERO_ID
+    # A fork with fewer own messages: walk its whole (inherited) history.
+    window: collections.deque[EntryId] = collections.deque(maxlen=n + 1)
+    after = ZERO_ID
+    while True:
+        _, entries = await store.read_entries(name, after, limit=1000)
+        if not entries:
+            break
+        window.extend(e.id for e in entries)
+        after = entries[-1].id
+    return window[0] if len(window) == n + 1 else ZERO_ID
 
 
 async def tail(
-    redis: Redis, name: str, after: EntryId = ZERO_ID, follow: bool = False
-) -> AsyncIterator[tuple[str, str]]:
-    """(offset, message text) pairs from `after` on; with `follow`, waits for more."""
-    store = Store(redis)
+    target: RedisTarget,
+    name: str,
+    start: EntryId | str = ZERO_ID,
+    *,
+    follow: bool = False,
+    last: int | None = None,
+) -> AsyncIterator[Message]:
+    """The messages after `start` (an offset, or NOW), or the `last` N; with
+    `follow`, waits for more until the stream is closed."""
+    store = Store(target.mux)
     keys = stream_keys(name)
+    meta, _ = await store.read_entries(name, ZERO_ID, limit=0)  # 404/410 for a missing stream
+    if last is not None:
+        after = await _start_of_last(target, store, name, meta, last)
+    elif start == NOW:
+        after = meta.tail
+    else:
+        assert isinstance(start, tuple)
+        after = start
     while True:
-        result = await store.read(name, after, touch=False, max_bytes=1 << 20, max_entries=1000)
-        for entry in result.entries:
-            yield (
-                format_offset(entry.id),
-                render_payload(entry.payload, result.meta.json, result.meta.media_type),
-            )
-        after = result.next_id
-        if result.up_to_date:
-            if not follow or result.closed_at_end:
+        meta, entries = await store.read_entries(name, after, limit=1000)
+        for entry in entries:
+            yield to_message(entry.id, entry.payload, meta.json, meta.media_type)
+            after = entry.id
+        if not entries or after >= meta.tail:
+            if not follow or meta.closed:
                 return
             # Block on the data key itself until something arrives (or 5 s pass).
-            await redis.xread({keys.data: f"{after[0]}-{after[1]}"}, block=5000, count=1)
+            await target.client.xread({keys.data: f"{after[0]}-{after[1]}"}, block=5000, count=1)
