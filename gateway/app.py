@@ -261,10 +261,12 @@ def create_app(settings: Settings | None = None) -> Any:
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         await gateway.start()
         routes.reads.start_sweeper()
+        flusher = asyncio.ensure_future(metrics.flush_every_second())
         log.info("gateway started", extra={"fields": {"version": __version__}})
         try:
             yield
         finally:
+            flusher.cancel()
             routes.reads.stop_sweeper()
             await gateway.stop()
             metrics.process_exited(os.getpid())

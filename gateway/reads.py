@@ -217,7 +217,9 @@ class StreamReads:
                             continue
                         if result.count:
                             if watch.notified_at:
-                                metrics.FANOUT_DELAY.observe(time.monotonic() - watch.notified_at)
+                                metrics.BATCHED.observe(
+                                    metrics.FANOUT_DELAY, time.monotonic() - watch.notified_at
+                                )
                             return self._data_reply(result, start, cursor)
                         if result.closed_at_end:
                             return self._timeout_reply(result, None)
@@ -331,7 +333,7 @@ class StreamReads:
             after = result.next_id
             closed = result.closed_at_end
             if result.count and result is not first and watch.notified_at:
-                metrics.FANOUT_DELAY.observe(time.monotonic() - watch.notified_at)
+                metrics.BATCHED.observe(metrics.FANOUT_DELAY, time.monotonic() - watch.notified_at)
             if result.count or result is first or closed:
                 # Data and its control go out as one write: a reader that
                 # stops at the first complete event still sees both.

@@ -223,7 +223,7 @@ class StreamRoutes:
         if status == "ok":
             return Reply(200 if producer and not close_only else 204, headers)
         if status == "dup":
-            metrics.DUPLICATE_APPENDS.inc()
+            metrics.BATCHED.inc(metrics.DUPLICATE_APPENDS)
             headers[-1] = (b"producer-seq", b"%d" % (outcome.producer_seq or 0))
             return Reply(204, headers)
         if status == "closed_dup":

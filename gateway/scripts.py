@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
 
-from .metrics import REDIS_CALL_SECONDS
+from .metrics import BATCHED, REDIS_CALL_SECONDS
 from .offsets import EntryId, entry_id_str
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class Scripts:
                 await self._mux.execute("SCRIPT", "LOAD", script_source(name), key=keys[0])
                 return await self._mux.execute(*command, key=keys[0], retry_if_lost=changes_nothing)
         finally:
-            self._latency[name].observe(time.perf_counter() - started)
+            BATCHED.observe(self._latency[name], time.perf_counter() - started)
 
     async def call_range(
         self,

@@ -66,8 +66,9 @@ if source_seq ~= '' and m.srcseq and bytes_le(source_seq, m.srcseq) then
   return {'source_dup', m.srcseq}
 end
 
-local tail = add_groups(m, 10) or m.tail
-local fields = {'tail', tail}
+local last, added = add_groups(m, 10)
+local tail = last or m.tail
+local fields = {'tail', tail, 'bytes', int_str((tonumber(m.bytes) or 0) + added)}
 if stream_seq ~= '' then
   table.insert(fields, 'sseq')
   table.insert(fields, stream_seq)

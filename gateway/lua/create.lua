@@ -97,8 +97,12 @@ if floor ~= '0-0' then
 end
 
 local nm = {json = (ARGV[3] ~= '') or nil, sink = (ARGV[15] ~= '') or nil, name = ARGV[14]}
-tail = add_groups(nm, 16) or tail
+local last, added = add_groups(nm, 16)
+tail = last or tail
 put('tail', tail)
+if added > 0 then
+  put('bytes', int_str(added))
+end
 put('closed', ARGV[7])
 redis.call('HSET', KEYS[1], unpack(fields))
 local created = load_meta(KEYS[1])
