@@ -99,12 +99,21 @@ def test_metrics_add_up_across_worker_processes(redis_server, tmp_path, unique):
             assert response.status_code == 204
             appends += 1
         assert len(serving_pids()) == 2
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        total = sum(
-            float(line.split()[-1])
-            for line in text.splitlines()
-            if line.startswith('dsgw_appends_total{content_type="text/plain"}')
-        )
-        assert total == appends  # every process's appends, whichever one answered the scrape
+
+        def scraped_total() -> float:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            return sum(
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith('dsgw_appends_total{content_type="text/plain"}')
+            )
+
+        # Each process hands its counts over once a second (gateway/metrics.py
+        # Batched): within a few seconds every process's appends are there,
+        # whichever process answers the scrape.
+        deadline = time.monotonic() + 5
+        while (total := scraped_total()) != appends and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert total == appends
     finally:
         assert stop_child(proc) == 0
