@@ -13,59 +13,11 @@ from gateway.protocol import (
     parse_stream_closed,
     parse_sub_offset,
     parse_ttl,
-    split_json_messages,
     sse_needs_base64,
 )
 
 
-@pytest.mark.parametrize(
-    ("body", "messages"),
-    [
-        (b'{"a":1}', ['{"a":1}']),
-        (b"[1, 2 ,3]", ["1", "2", "3"]),
-        (b"[[1,2],[3,4]]", ["[1,2]", "[3,4]"]),
-        (b"[[[1,2,3]]]", ["[[1,2,3]]"]),
-        (b' \n[ "a" , {"b" : [ ]} ]\n', ['"a"', '{"b" : [ ]}']),
-        (b"12345678901234567890123", ["12345678901234567890123"]),
-        (b'"x"', ['"x"']),
-        (b"null", ["null"]),
-    ],
-)
-def test_json_bodies_split_one_level_keeping_element_text(body, messages):
-    assert split_json_messages(body, allow_empty=False) == messages
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        b"",
-        b"[",
-        b"[1,]",
-        b"[1 2]",
-        b"{",
-        b"NaN",
-        b"[Infinity]",
-        b"[-Infinity]",
-        b"1 2",
-        b"[1]x",
-        b"\xff",
-        b"[1e400x]",
-        b"[]",
-    ],
-)
-def test_invalid_json_bodies_are_400(body):
-    with pytest.raises(ProblemError) as err:
-        split_json_messages(body, allow_empty=False)
-    assert err.value.status == 400
-
-
-def test_empty_array_is_allowed_only_on_create():
-    assert split_json_messages(b" [ ] ", allow_empty=True) == []
-
-
-def test_deep_nesting_is_a_400_not_a_crash():
-    with pytest.raises(ProblemError):
-        split_json_messages(b"[" * 100000 + b"]" * 100000, allow_empty=False)
+# JSON bodies: tests/unit/test_json_validation.py
 
 
 @pytest.mark.parametrize("raw", ["abc", "-1", "00060", "+60", "60.5", "1e3", " 60", ""])
