@@ -104,11 +104,16 @@ function cpuDelta(before, after) {
   for (const [name, ticks] of Object.entries(after.groups)) {
     let total = 0
     let missing = 0
+    const perPid = {}
     ticks.forEach((tick, i) => {
+      const pid = config.cpu.groups[name][i]
       if (tick === null || before.groups[name][i] === null) missing += 1
-      else total += tick - before.groups[name][i]
+      else {
+        total += tick - before.groups[name][i]
+        perPid[pid] = (tick - before.groups[name][i]) / clkTck
+      }
     })
-    groups[name] = { cpuS: total / clkTck, missingPids: missing }
+    groups[name] = { cpuS: total / clkTck, missingPids: missing, perPid }
   }
   let redisCommands = null
   if (after.redis) {
@@ -154,9 +159,10 @@ async function createStream(name) {
 }
 
 // A JSON object of about `size` bytes: the fields, then a pad.
+const PAD = "x".repeat(4096)
 function padded(fields, size) {
-  const bare = JSON.stringify({ ...fields, pad: "" })
-  return JSON.stringify({ ...fields, pad: "x".repeat(Math.max(0, size - bare.length)) })
+  const head = `${JSON.stringify(fields).slice(0, -1)},"pad":"`
+  return `${head}${PAD.slice(0, Math.max(0, size - head.length - 2))}"}`
 }
 
 function countStatus(counts, res) {
@@ -177,8 +183,8 @@ async function readAll(conn, name, { maxRequests = 100000, deadline = now() + 60
     if (res.status !== 200) throw new Error(`GET ${name} at ${offset}: ${res.status} ${res.error ?? res.body}`)
     bodies.push(res.body)
     bytes += res.body.length
-    offset = res.headers["stream-next-offset"]
-    if (res.headers["stream-up-to-date"] === "true") return { bodies, requests, bytes, ms: now() - started, complete: true }
+    offset = res.headers.get("stream-next-offset")
+    if (res.headers.get("stream-up-to-date") === "true") return { bodies, requests, bytes, ms: now() - started, complete: true }
   }
   return { bodies, requests, bytes, ms: now() - started, complete: false }
 }
@@ -503,7 +509,7 @@ async function longpollScenario() {
   const reader = connection(15000)
   const writer = connection()
   const head = await writer.request("GET", `${streamPath(name)}?offset=now`)
-  let offset = head.headers["stream-next-offset"]
+  let offset = head.headers.get("stream-next-offset")
   const wakes = []
   const statuses = {}
   let wrong = 0
@@ -520,11 +526,11 @@ async function longpollScenario() {
       const items = JSON.parse(res.body.toString("utf8"))
       if (items.length !== 1 || items[0].round !== round) wrong += 1
       wakes.push(res.ended - sent)
-      offset = res.headers["stream-next-offset"]
+      offset = res.headers.get("stream-next-offset")
     } else {
       wrong += 1
       const tail = await writer.request("GET", `${streamPath(name)}?offset=now`)
-      offset = tail.headers["stream-next-offset"]
+      offset = tail.headers.get("stream-next-offset")
     }
   }
   reader.close()
