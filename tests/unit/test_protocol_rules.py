@@ -16,7 +16,6 @@ from gateway.protocol import (
     sse_needs_base64,
 )
 
-
 # JSON bodies: tests/unit/test_json_validation.py
 
 
