@@ -213,5 +213,6 @@ async def tail(
         if not entries or after >= meta.tail:
             if not follow or meta.closed:
                 return
-            # Block on the data key itself until something arrives (or 5 s pass).
-            await target.client.xread({keys.data: f"{after[0]}-{after[1]}"}, block=5000, count=1)
+            # Block on the data key itself until something arrives, for less than
+            # the client's read timeout (redis-py's default is 5 s).
+            await target.client.xread({keys.data: f"{after[0]}-{after[1]}"}, block=1000, count=1)
