@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 from collections.abc import Callable
@@ -22,10 +23,14 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+Health = dict[str, Any]
+
+
 async def serve_health(
-    port: int, healthy: Callable[[], bool], host: str = "127.0.0.1"
+    port: int, health: Callable[[], Health], host: str = "127.0.0.1"
 ) -> asyncio.Server | None:
-    """A minimal HTTP endpoint: GET /healthz (200 while `healthy()`), GET /metrics."""
+    """A minimal HTTP endpoint: GET /metrics, and GET /healthz: `health()` as
+    JSON, 200 while its "status" is "ok", else 503 (the body says why)."""
     if not port:
         return None
 
@@ -38,9 +43,9 @@ async def serve_health(
             if path.startswith("/metrics"):
                 status, body, ctype = "200 OK", generate_latest(), CONTENT_TYPE_LATEST
             elif path.startswith("/healthz"):
-                ok = healthy()
-                status = "200 OK" if ok else "503 Service Unavailable"
-                body, ctype = (b'{"status":"ok"}' if ok else b'{"status":"unhealthy"}'), "application/json"
+                report = health()
+                status = "200 OK" if report.get("status") == "ok" else "503 Service Unavailable"
+                body, ctype = json.dumps(report).encode(), "application/json"
             else:
                 status, body, ctype = "404 Not Found", b"", "text/plain"
             writer.write(
@@ -55,10 +60,10 @@ async def serve_health(
 
 
 async def serve_until_stopped(worker: Any, settings: Any) -> None:
-    """Run `worker` (with `stop`, `healthy()` and `run()`) until SIGTERM/SIGINT
+    """Run `worker` (with `stop`, `health()` and `run()`) until SIGTERM/SIGINT
     has drained it, with its /healthz and /metrics endpoint alongside."""
     install_stop_signals(worker.stop)
-    server = await serve_health(settings.metrics_port, worker.healthy, settings.metrics_host)
+    server = await serve_health(settings.metrics_port, worker.health, settings.metrics_host)
     try:
         await worker.run()
     finally:

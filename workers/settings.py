@@ -15,13 +15,22 @@ class WorkerSettings:
     database_url: str = ""
     # Entries per sink batch (one Postgres transaction).
     sink_batch: int = 2000
+    # Bytes per sink batch: a batch ends with the entry that reaches this, so
+    # a sink holds about this much (plus one entry) however big messages are.
+    sink_batch_bytes: int = 16 * 1024 * 1024
     # How long a sink read blocks waiting for new feed entries.
     sink_block_ms: int = 1000
     # Feed entries delivered to a consumer that has not acknowledged them for
     # this long are taken over (the consumer is presumed dead).
     sink_claim_idle_ms: int = 30_000
+    # A shard that has not finished a round for this long makes /healthz 503.
+    sink_stall_ms: int = 30_000
     # Outbox rows per source round.
     source_batch: int = 500
+    # Most changes, and bytes, in one append of the source worker: a bigger
+    # transaction becomes several appends (each one Lua script).
+    source_max_append_messages: int = 1000
+    source_max_append_bytes: int = 1024 * 1024
     # Port for /healthz and /metrics of this worker (0: none), and its address.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
@@ -33,9 +42,15 @@ class WorkerSettings:
             redis_url=os.environ.get("REDIS_URL", ""),
             database_url=os.environ.get("DATABASE_URL", ""),
             sink_batch=env_int("DSGW_SINK_BATCH", cls.sink_batch),
+            sink_batch_bytes=env_int("DSGW_SINK_BATCH_BYTES", cls.sink_batch_bytes),
             sink_block_ms=env_int("DSGW_SINK_BLOCK_MS", cls.sink_block_ms),
             sink_claim_idle_ms=env_int("DSGW_SINK_CLAIM_IDLE_MS", cls.sink_claim_idle_ms),
+            sink_stall_ms=env_int("DSGW_SINK_STALL_MS", cls.sink_stall_ms),
             source_batch=env_int("DSGW_SOURCE_BATCH", cls.source_batch),
+            source_max_append_messages=env_int(
+                "DSGW_SOURCE_MAX_APPEND_MESSAGES", cls.source_max_append_messages
+            ),
+            source_max_append_bytes=env_int("DSGW_SOURCE_MAX_APPEND_BYTES", cls.source_max_append_bytes),
             metrics_port=env_int("DSGW_WORKER_METRICS_PORT", cls.metrics_port),
             metrics_host=os.environ.get("DSGW_WORKER_METRICS_HOST", "") or cls.metrics_host,
             consumer_name=os.environ.get("DSGW_CONSUMER_NAME", "") or f"{socket.gethostname()}-{os.getpid()}",

@@ -36,7 +36,7 @@ from gateway.offsets import format_offset, parse_entry_id
 from gateway.protocol import json_array_elements
 from gateway.redis_client import reset_after
 
-from .process import Backoff
+from .process import Backoff, Health
 from .settings import WorkerSettings
 
 log = logging.getLogger("dsgw.sink")
@@ -129,10 +129,21 @@ class SinkWorker:
         self.pool = pool
         self.consumer = settings.consumer_name
         self.stop = asyncio.Event()
-        self.last_progress = time.monotonic()
+        # Per shard: when its loop last finished a round (a read, with or
+        # without entries, and their write). One stuck shard is enough to
+        # make the worker unhealthy, whatever the others do.
+        self.last_progress = [time.monotonic()] * SHARDS
 
-    def healthy(self) -> bool:
-        return time.monotonic() - self.last_progress < 30 + self.settings.sink_block_ms / 1000
+    def stalled_shards(self) -> list[int]:
+        limit = (self.settings.sink_stall_ms + self.settings.sink_block_ms) / 1000
+        now = time.monotonic()
+        return [shard for shard, at in enumerate(self.last_progress) if now - at >= limit]
+
+    def health(self) -> Health:
+        stalled = self.stalled_shards()
+        if stalled:
+            return {"status": "unhealthy", "stalled_shards": stalled}
+        return {"status": "ok"}
 
     async def run(self) -> None:
         log.info("sink started", extra={"fields": {"consumer": self.consumer, "shards": SHARDS}})
@@ -172,7 +183,7 @@ class SinkWorker:
                 if now - last_trim > TRIM_EVERY_S:
                     last_trim = now
                     await self._trim(shard, key)
-                self.last_progress = time.monotonic()
+                self.last_progress[shard] = time.monotonic()
                 backoff.reset()
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
