@@ -89,7 +89,13 @@ class Gateway:
         )
         self.target = target
         self.redis = target.client
-        self.store = Store(target.mux, publish_command=target.publish_command, sink_filter=s.sink_filter)
+        self.store = Store(
+            target.mux,
+            publish_command=target.publish_command,
+            sink_filter=s.sink_filter,
+            max_producers=s.max_producers_per_stream,
+            producer_idle_s=s.producer_idle_s,
+        )
         self.hub = LiveHub(self.redis, recheck_s=s.live_recheck_ms / 1000, sharded=target.sharded_pubsub)
         log.info(
             "connected to redis",

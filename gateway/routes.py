@@ -170,6 +170,8 @@ class StreamRoutes:
     async def post(self, request: StreamRequest, name: str) -> Reply:
         h = request.header
         producer = parse_producer(h(b"producer-id"), h(b"producer-epoch"), h(b"producer-seq"))
+        if producer is not None and len(producer[0].encode()) > self.settings.max_producer_id_bytes:
+            raise bad_request("Producer-Id too long", f"at most {self.settings.max_producer_id_bytes} bytes")
         close = parse_stream_closed(h(b"stream-closed"))
         body = await request.body(self.settings.max_body_bytes)
         store = self.gw.store

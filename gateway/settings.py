@@ -52,6 +52,12 @@ class Settings:
     # Most messages in one JSON append (413 above): one append is one Lua
     # script, and Redis runs nothing else while it runs.
     max_append_messages: int = 10_000
+    # Idempotent producers: the longest Producer-Id (400 above), the most
+    # producers whose state a stream keeps, and how long one must be idle
+    # before it may be forgotten once that cap is reached.
+    max_producer_id_bytes: int = 256
+    max_producers_per_stream: int = 10_000
+    producer_idle_s: int = 7 * 86400
     # A catch-up response stops after the append that crosses this many bytes.
     read_chunk_bytes: int = 1024 * 1024
     # ... or after this many Redis entries.
@@ -86,6 +92,9 @@ class Settings:
             live_recheck_ms=env_int("DSGW_LIVE_RECHECK_MS", cls.live_recheck_ms),
             max_body_bytes=env_int("DSGW_MAX_BODY_BYTES", cls.max_body_bytes),
             max_append_messages=env_int("DSGW_MAX_APPEND_MESSAGES", cls.max_append_messages),
+            max_producer_id_bytes=env_int("DSGW_MAX_PRODUCER_ID_BYTES", cls.max_producer_id_bytes),
+            max_producers_per_stream=env_int("DSGW_MAX_PRODUCERS_PER_STREAM", cls.max_producers_per_stream),
+            producer_idle_s=env_int("DSGW_PRODUCER_IDLE_S", cls.producer_idle_s),
             read_chunk_bytes=env_int("DSGW_READ_CHUNK_BYTES", cls.read_chunk_bytes),
             read_chunk_entries=env_int("DSGW_READ_CHUNK_ENTRIES", cls.read_chunk_entries),
             cors_origins=_list("DSGW_CORS_ORIGINS", ["*"]),

@@ -161,8 +161,12 @@ class Store:
         mux: Mux,
         publish_command: str = "PUBLISH",
         sink_filter: Callable[[str], bool] = lambda name: True,
+        max_producers: int = 10_000,
+        producer_idle_s: int = 7 * 86400,
     ) -> None:
         self.mux = mux
+        # Producer state per stream is bounded (see save_producer in common.lua).
+        self._producer_limits = (max_producers, producer_idle_s * 1000)
         self.scripts = Scripts(mux)
         self.publish_command = publish_command
         # Which JSON streams the Postgres sink receives, decided once at creation.
@@ -338,6 +342,7 @@ class Store:
             self.publish_command,
             keys.channel,
             source_seq or "",
+            *self._producer_limits,
             1,
             len(messages),
             *messages,
@@ -348,7 +353,7 @@ class Store:
     async def close(self, name: str, producer: tuple[str, int, int] | None) -> WriteOutcome:
         keys = stream_keys(name)
         pid, epoch, seq = producer or ("", 0, 0)
-        args = [pid, epoch, seq, self.publish_command, keys.channel]
+        args = [pid, epoch, seq, self.publish_command, keys.channel, *self._producer_limits]
         reply = await self.scripts.call("close", keys.all, args)
         return await self._outcome(name, reply)
 

@@ -15,7 +15,9 @@
 --   ARGV[9] source sequence of the Postgres source worker, or '': compared
 --           byte-wise with the stream's last one (meta 'srcseq'); never set
 --           from HTTP, so no client can make the worker skip its changes
---   ARGV[10..] message groups (see add_groups): '1', count, messages...
+--   ARGV[10] most producers kept per stream (see save_producer), 0 for no cap
+--   ARGV[11] producers idle this many ms may be forgotten once the cap is reached
+--   ARGV[12..] message groups (see add_groups): '1', count, messages...
 --
 -- Output: an array whose first element says what happened
 --   {'ok', tail, closed}                   appended (closed = '1' or '')
@@ -66,7 +68,7 @@ if source_seq ~= '' and m.srcseq and bytes_le(source_seq, m.srcseq) then
   return {'source_dup', m.srcseq}
 end
 
-local last, added = add_groups(m, 10)
+local last, added = add_groups(m, 12)
 local tail = last or m.tail
 local fields = {'tail', tail, 'bytes', int_str((tonumber(m.bytes) or 0) + added)}
 if stream_seq ~= '' then
@@ -89,7 +91,7 @@ if ARGV[2] == '1' then
 end
 redis.call('HSET', KEYS[1], unpack(fields))
 if pid ~= '' then
-  save_producer(pid, epoch, seq, now)
+  save_producer(pid, epoch, seq, now, tonumber(ARGV[10]), tonumber(ARGV[11]))
 end
 touch(m, now)
 redis.call(ARGV[7], ARGV[8], tail)

@@ -9,6 +9,8 @@
 --   ARGV[3] Producer-Seq
 --   ARGV[4] publish command: 'PUBLISH' or 'SPUBLISH'
 --   ARGV[5] notification channel
+--   ARGV[6] most producers kept per stream (see save_producer), 0 for no cap
+--   ARGV[7] producers idle this many ms may be forgotten once the cap is reached
 --
 -- Output:
 --   {'ok', tail}                    closed now, or was already closed (no producer)
@@ -46,7 +48,7 @@ if pid ~= '' then
   elseif verdict ~= 'accept' then
     return {verdict, detail or ''}
   end
-  save_producer(pid, epoch, seq, now)
+  save_producer(pid, epoch, seq, now, tonumber(ARGV[6]), tonumber(ARGV[7]))
   redis.call('HSET', KEYS[1], 'closed', '1', 'cby', pid .. '\n' .. epoch .. '\n' .. seq)
 else
   redis.call('HSET', KEYS[1], 'closed', '1')

@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from gateway.embedded import RedisProcess, start_redis
+from gateway.keys import stream_keys
 from tests.conftest import GatewayProcess, start_gateway
 
 
@@ -323,3 +324,30 @@ def test_a_post_without_content_type_names_the_streams_type(gateway, unique):
     wrong = httpx.post(url, headers={"content-type": "text/plain"}, content=b"x")
     assert wrong.status_code == 409
     assert "application/json" in wrong.json()["detail"]
+
+
+def test_producer_state_is_bounded_per_stream(own_redis, tmp_path):
+    gw = gateway_on(own_redis, tmp_path, DSGW_MAX_PRODUCERS_PER_STREAM="20")
+    try:
+        url = gw.stream_url("many-producers")
+        assert httpx.put(url, headers={"content-type": "application/json"}).status_code == 201
+
+        def append(pid: str, seq: int) -> httpx.Response:
+            headers = {"producer-id": pid, "producer-epoch": "0", "producer-seq": str(seq)}
+            return httpx.post(url, headers={**headers, "content-type": "application/json"}, content=b"[1]")
+
+        client = redis.Redis(port=own_redis.port)
+        producers_key = stream_keys("many-producers").producers
+        for i in range(60):
+            assert append(f"p{i}", 0).status_code == 200
+            assert client.hlen(producers_key) <= 20
+        client.close()
+        assert append("p59", 0).status_code == 204  # recent: still deduplicated
+        forgotten = append("p0", 1)  # the oldest was forgotten: it must start over
+        assert forgotten.status_code == 409
+        assert forgotten.headers["producer-expected-seq"] == "0"
+        too_long = append("x" * 257, 0)
+        assert too_long.status_code == 400
+        assert "Producer-Id" in too_long.json()["title"]
+    finally:
+        gw.stop()

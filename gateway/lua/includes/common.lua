@@ -207,7 +207,32 @@ local function check_producer(pid, epoch_s, seq_s)
   return 'gap', int_str(cur_seq + 1)
 end
 
-local function save_producer(pid, epoch_s, seq_s, now)
-  redis.call('HSET', KEYS[3], pid, epoch_s .. ' ' .. seq_s .. ' ' .. int_str(now))
+-- Producer state is bounded per stream: when a new producer makes more than
+-- `max_producers`, the others idle for more than `idle_ms` go, and the least
+-- recently active ones until 90% of the cap is left (O(n), once per 10% of
+-- the cap). A forgotten producer starts over: its next append must be seq 0.
+local function save_producer(pid, epoch_s, seq_s, now, max_producers, idle_ms)
+  local added = redis.call('HSET', KEYS[3], pid, epoch_s .. ' ' .. seq_s .. ' ' .. int_str(now))
+  if added == 0 or max_producers <= 0 or redis.call('HLEN', KEYS[3]) <= max_producers then
+    return
+  end
+  local flat = redis.call('HGETALL', KEYS[3])
+  local others = {}
+  for i = 1, #flat, 2 do
+    if flat[i] ~= pid then
+      others[#others + 1] = {flat[i], tonumber(string.match(flat[i + 1], ' (%d+)$')) or 0}
+    end
+  end
+  table.sort(others, function(a, b) return a[2] < b[2] end)
+  local excess = #others + 1 - math.floor(max_producers * 0.9)
+  local victims = {}
+  for i = 1, #others do
+    if i <= excess or now - others[i][2] > idle_ms then
+      victims[#victims + 1] = others[i][1]
+    end
+  end
+  for i = 1, #victims, 1000 do
+    redis.call('HDEL', KEYS[3], unpack(victims, i, math.min(i + 999, #victims)))
+  end
 end
 
