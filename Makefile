@@ -39,6 +39,9 @@ test-unit: $(STAMP) ## Unit tests only (no servers)
 test-integration: $(STAMP) ## Integration tests over HTTP against a real redis-server
 	$(PY) -m pytest tests/integration
 
+fuzz: $(STAMP) ## Property-based HTTP fuzzing of a real gateway: 20,000 requests (DSGW_FUZZ_EXAMPLES=N to change)
+	DSGW_FUZZ_EXAMPLES=$${DSGW_FUZZ_EXAMPLES:-20000} $(PY) -m pytest tests/integration/test_fuzz.py -m fuzz -p no:cacheprovider
+
 conformance: install ## The official conformance suite (npm, pinned 0.3.6) against a fresh gateway; prints the counts
 	$(PY) -m e2e.conformance
 
@@ -72,4 +75,4 @@ format: $(STAMP) ## Apply ruff's formatting and safe fixes
 clean: ## Remove the virtualenv, node_modules and caches (keeps ./data)
 	rm -rf $(VENV) e2e/node_modules e2e/bench/node_modules .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install run serve test test-unit test-integration conformance stack stack-down e2e bench bench-sync bench-replicas lint format clean
+.PHONY: help install run serve test test-unit test-integration fuzz conformance stack stack-down e2e bench bench-sync bench-replicas lint format clean
