@@ -54,7 +54,7 @@ stack-down: ## Stop exactly what `make stack` started
 e2e: install ## Through the load balancer on a 3-master cluster: conformance, cross-replica delivery, kills, drains, sync scenarios
 	$(PY) -m pytest e2e -p no:cacheprovider
 
-bench: install ## ds-gateway vs the reference server, same run, same load generator (~4 min; docs/performance.md)
+bench: install ## ds-gateway vs the reference server, same run, same load generator (~5 min; docs/performance.md)
 	$(PY) -m e2e.bench_compare $(BENCH_ARGS)
 
 bench-sync: install ## Postgres sink/source throughput and lag, with a same-run COPY baseline

@@ -55,7 +55,7 @@ class HarnessError(RuntimeError):
 
 @dataclass
 class Plan:
-    """Sizes of one run: the full run (~4 minutes), --quick, or --smoke (the harness's own test)."""
+    """Sizes of one run: the full run (~5 minutes), --quick, or --smoke (the harness's own test)."""
 
     seconds: float
     warmup_s: float
@@ -223,7 +223,7 @@ def start_gateway(procs: Processes, redis_url: str, workers: int, log: Path) -> 
 # --- load generator and wrk -------------------------------------------------------------
 
 
-def run_loadgen(server: Server, scenario: str, deadline_s: float, **params) -> dict:
+def run_loadgen(server: Server, scenario: str, *, deadline_s: float, **params) -> dict:
     config = {
         "scenario": scenario,
         "base": server.base,
@@ -281,9 +281,10 @@ def parse_wrk(output: str) -> dict:
 
 
 def run_wrk(server: Server, plan: Plan) -> dict:
-    """Scenario (a)'s shape from wrk: 64 connections, round-robin over 64 streams."""
+    """One wrk run of scenario (a)'s shape: 64 connections, round-robin over 64 fresh streams,
+    a warm-up, then the measured window."""
     wrk = ensure_wrk()
-    prefix = f"wrk-{time.time_ns()}"
+    prefix = unique("wrk")
     for w in range(plan.writers):
         request = urllib.request.Request(
             f"{server.base}/v1/stream/{prefix}-{w}",
@@ -309,6 +310,28 @@ def run_wrk(server: Server, plan: Plan) -> dict:
     return result
 
 
+def cross_check(server: Server, plan: Plan, append_params: dict) -> dict:
+    """wrk and the load generator on the same server, interleaved (ours, wrk, wrk, ours) so
+    that a drift in the machine's load hits both alike; the means are compared."""
+    ours, wrk = [], []
+    for turn in ("ours", "wrk", "wrk", "ours"):
+        if turn == "wrk":
+            wrk.append(run_wrk(server, plan))
+        else:
+            ours.append(run_loadgen(server, "append", **{**append_params, "prefix": unique("check")}))
+    return {
+        "perSecond": sum(r["perSecond"] for r in wrk) / len(wrk),
+        "loadgenPerSecond": sum(r["perSecond"] for r in ours) / len(ours),
+        "non2xx": sum(r["non2xx"] for r in wrk),
+        "socketErrors": sum(r["socketErrors"] for r in wrk),
+        "loadgenFailed": sum(
+            n for r in ours for status, n in r["statuses"].items() if not status.startswith("2")
+        ),
+        "wrkRuns": wrk,
+        "loadgenRuns": ours,
+    }
+
+
 # --- scenarios -----------------------------------------------------------------------
 
 
@@ -316,13 +339,13 @@ def unique(name: str) -> str:
     return f"bench-{name}-{time.time_ns()}"
 
 
-def both(servers: list[Server], scenario: str, deadline_s: float, **params) -> dict:
+def both(servers: list[Server], scenario: str, *, deadline_s: float, **params) -> dict:
     """The same load on each server, reference first, each on fresh streams."""
     out = {}
     for server in servers:
         names = {k: unique(v) for k, v in params.items() if k in ("prefix", "name")}
         key = "reference" if server.name == "reference" else "ours"
-        out[key] = run_loadgen(server, scenario, deadline_s, **{**params, **names})
+        out[key] = run_loadgen(server, scenario, deadline_s=deadline_s, **{**params, **names})
         print(f"  {key}: done", flush=True)
     return out
 
@@ -344,7 +367,7 @@ def run_scenarios(
     redis = start_redis(tmp / "redis", persistent=True, binary=redis_binary)  # appendonly yes, everysec
     procs.started.append(redis.proc)
     redis_version = subprocess.run([redis_binary, "--version"], capture_output=True, text=True).stdout.strip()
-    gateway = start_gateway(procs, redis.url, args.gateway_workers, tmp / "gateway.log")
+    gateway = start_gateway(procs, redis.url, args.gateway_workers, args.logs / "gateway.log")
     gateway.redis_pid, gateway.redis_port = redis.proc.pid, redis.port
     setup.update(
         reference=f"@durable-streams/server (e2e/bench/package.json), in memory, long-poll {REFERENCE_LONG_POLL_MS} ms",
@@ -366,18 +389,18 @@ def run_scenarios(
             print(f"  harness error: {error}", file=sys.stderr, flush=True)
         print(f"  ({time.monotonic() - started:.0f} s)", flush=True)
 
+    append_params = {"deadline_s": append_s, "writers": plan.writers, "seconds": plan.seconds,
+                     "warmupS": plan.warmup_s, "bodyBytes": BODY_BYTES}  # fmt: skip
+
     def append(key: str, idempotent: bool) -> None:
-        results[key] = both(
-            servers, "append", append_s, prefix=key, writers=plan.writers, seconds=plan.seconds,
-            warmupS=plan.warmup_s, idempotent=idempotent, bodyBytes=BODY_BYTES,
-        )  # fmt: skip
+        results[key] = both(servers, "append", prefix=key, idempotent=idempotent, **append_params)
 
     def catchup() -> None:
         results["catchup"] = {
             f"{messages:,}": both(
                 servers,
                 "catchup",
-                300,
+                deadline_s=300,
                 name="catchup",
                 messages=messages,
                 batch=1000,
@@ -390,25 +413,25 @@ def run_scenarios(
     def fanout() -> None:
         subs, messages, rate = plan.fanout
         results["fanout"] = both(
-            servers, "fanout", 120, prefix="fanout", streams=1, subsPerStream=subs, messagesPerStream=messages,
+            servers, "fanout", deadline_s=120, prefix="fanout", streams=1, subsPerStream=subs, messagesPerStream=messages,
             rate=rate, bodyBytes=BODY_BYTES, connectConcurrency=50, drainS=10, connectTimeoutS=10,
         )  # fmt: skip
 
     def longpoll() -> None:
         results["longpoll"] = both(
-            servers, "longpoll", 90, name="longpoll", rounds=plan.longpoll_rounds, delayMs=20, seconds=60,
+            servers, "longpoll", deadline_s=90, name="longpoll", rounds=plan.longpoll_rounds, delayMs=20, seconds=60,
             bodyBytes=BODY_BYTES,
         )  # fmt: skip
 
     def scale() -> None:
         # One replica: one gateway process (--workers 1) on the same Redis.
-        single = start_gateway(procs, redis.url, 1, tmp / "gateway-single.log")
+        single = start_gateway(procs, redis.url, 1, args.logs / "gateway-single.log")
         single.redis_pid, single.redis_port = redis.proc.pid, redis.port
         try:
             results["scale"] = {}
             for label, streams, subs, messages, rate, target in plan.scale:
                 result = run_loadgen(
-                    single, "fanout", 180, prefix=unique("scale"), streams=streams, subsPerStream=subs,
+                    single, "fanout", deadline_s=180, prefix=unique("scale"), streams=streams, subsPerStream=subs,
                     messagesPerStream=messages, rate=rate, bodyBytes=BODY_BYTES, connectConcurrency=100,
                     drainS=15, connectTimeoutS=20,
                 )  # fmt: skip
@@ -420,17 +443,17 @@ def run_scenarios(
             procs.stop(single.proc)
 
     def wrk() -> None:
-        results["wrk"] = run_wrk(gateway, plan)
+        results["wrk"] = cross_check(gateway, plan, {**append_params, "idempotent": False})
 
     scenario(
         "a", f"append, {plan.writers} writers on {plan.writers} streams", lambda: append("append", False)
     )
-    scenario("wrk", "the same appends from wrk, ds-gateway only", wrk)
     scenario("b", f"append, {plan.writers} idempotent producers", lambda: append("idempotent", True))
     scenario("c", "catch-up from -1", catchup)
     scenario("d", "SSE fan-out", fanout)
     scenario("e", "long-poll wake-up", longpoll)
     scenario("f", "SSE scale on one replica (ours only)", scale)
+    scenario("wrk", "load generator cross-check: (a) from wrk and from the generator, ds-gateway", wrk)
 
 
 def machine() -> dict:
@@ -469,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(plan, seconds=args.seconds)
     ensure_bench_tools()
     started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    args.logs = args.out / f"logs-{started}"  # the gateways' stderr, kept for a look after errors
+    args.logs.mkdir(parents=True, exist_ok=True)
     report: dict = {"started": started, "machine": machine(), "plan": dataclasses.asdict(plan), "setup": {}}
     procs = Processes()
     results: dict = {}
@@ -492,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(bench_report.render(rows))
     print(bench_report.render_loadgen(results))
-    print(f"results: {path}")
+    print(f"results: {path}; gateway logs: {args.logs}")
     if errors:
         print("harness errors:\n  " + "\n  ".join(errors), file=sys.stderr)
     return 1 if errors else 0

@@ -221,17 +221,18 @@ def cpu_rows(results: dict) -> list[Row]:
     return rows
 
 
-def wrk_rows(wrk: dict | None, ours_append: dict | None) -> list[Row]:
+def wrk_rows(check: dict | None) -> list[Row]:
     """The generator cross-check: wrk's rate within 10% of ours, same server, same shape."""
-    if not wrk or not ours_append:
+    if not check:
         return []
-    wrk_rate, ours = wrk.get("perSecond"), ours_append.get("perSecond")
+    wrk_rate, ours = check.get("perSecond"), check.get("loadgenPerSecond")
     diff = abs(ours - wrk_rate) / wrk_rate * 100 if wrk_rate and ours is not None else None
     return [
-        Row("wrk check", "wrk appends/s (ds-gateway)", "1/s", wrk_rate),
-        Row("wrk check", "loadgen appends/s (ds-gateway)", "1/s", ours),
+        Row("wrk check", "wrk failed requests", "", check.get("non2xx", 0) + check.get("socketErrors", 0), target=NONE_LOST),
+        Row("wrk check", "wrk appends/s (ds-gateway, mean of 2)", "1/s", wrk_rate),
+        Row("wrk check", "loadgen appends/s (ds-gateway, mean of 2)", "1/s", ours),
         Row("wrk check", "difference", "%", diff, target=Target("<=", 10)),
-    ]
+    ]  # fmt: skip
 
 
 def all_rows(results: dict) -> list[Row]:
@@ -249,7 +250,7 @@ def all_rows(results: dict) -> list[Row]:
     for name, result in results.get("scale", {}).items():
         rows += scale_rows(f"f {name}", result, result.get("servedTargetMs"))
     rows += cpu_rows(results)
-    rows += wrk_rows(results.get("wrk"), results.get("append", {}).get("ours"))
+    rows += wrk_rows(results.get("wrk"))
     return rows
 
 
@@ -257,7 +258,17 @@ def loadgen_rows(results: dict) -> list[tuple[str, str, float | None]]:
     """(scenario, side, share of one core) for every load generator run."""
     out = []
     for key, value in results.items():
-        if key == "wrk" or not isinstance(value, dict):
+        if key == "wrk":
+            out += [
+                ("wrk check", f"wrk run {i + 1}", loadgen_share(r))
+                for i, r in enumerate(value.get("wrkRuns", []))
+            ]
+            out += [
+                ("wrk check", f"loadgen run {i + 1}", loadgen_share(r))
+                for i, r in enumerate(value.get("loadgenRuns", []))
+            ]
+            continue
+        if not isinstance(value, dict):
             continue
         pairs = value.items() if key in ("catchup", "scale") else [(key, value)]
         for name, pair in pairs:

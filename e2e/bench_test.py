@@ -68,9 +68,10 @@ def test_cpu_per_append_divides_the_window_cpu_by_the_window_appends() -> None:
 def test_wrk_summary_is_parsed_and_compared_within_ten_percent() -> None:
     parsed = bench_compare.parse_wrk(WRK_OUTPUT)
     assert parsed == {"perSecond": 7453.83, "requests": 22416, "non2xx": 5, "socketErrors": 3}
-    close = {row.metric: row for row in bench_report.wrk_rows(parsed, {"perSecond": 7000})}
+    close = {row.metric: row for row in bench_report.wrk_rows({**parsed, "loadgenPerSecond": 7000})}
     assert close["difference"].verdict == "PASS"
-    far = {row.metric: row for row in bench_report.wrk_rows(parsed, {"perSecond": 6000})}
+    assert close["wrk failed requests"].ours == 8 and close["wrk failed requests"].verdict == "MISS"
+    far = {row.metric: row for row in bench_report.wrk_rows({**parsed, "loadgenPerSecond": 6000})}
     assert far["difference"].verdict == "MISS"
     with pytest.raises(bench_compare.HarnessError):
         bench_compare.parse_wrk("connection refused")

@@ -154,7 +154,8 @@ const streamPath = (name) => `/v1/stream/${name}`
 const JSON_TYPE = { "content-type": "application/json" }
 
 async function createStream(name) {
-  const res = await request("PUT", streamPath(name), { headers: JSON_TYPE })
+  // connection: close, so that idle setup connections do not sit on the server during the run.
+  const res = await request("PUT", streamPath(name), { headers: { ...JSON_TYPE, connection: "close" } })
   if (res.status !== 201) throw new Error(`PUT ${name}: ${res.status} ${res.error ?? res.body}`)
 }
 
