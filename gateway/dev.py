@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import devstate
-from .embedded import EmbeddedError, free_port, start_postgres, start_redis, stop_child
+from .embedded import EmbeddedError, die_with_parent, free_port, start_postgres, start_redis, stop_child
 
 DEFAULT_REDIS_PORT = 6390
 DEFAULT_POSTGRES_PORT = 6391
@@ -88,6 +88,7 @@ def start_worker(kind: str, log_path: Path) -> WorkerHandle:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            preexec_fn=die_with_parent,
         )
     finally:
         log.close()
