@@ -55,6 +55,8 @@ class Stack:
     redis_url: str = ""
     database_url: str = ""
     redis_mode: str = "standalone"
+    redis_args: list[str] = field(default_factory=list)  # extra redis-server arguments
+    env: dict[str, str] = field(default_factory=dict)  # DSGW_* given to gateways and workers
     gateways: list[str] = field(default_factory=list)  # direct URLs, one per replica
     procs: list[Proc] = field(default_factory=list)
 
@@ -168,7 +170,7 @@ def redis7_server() -> str:
     return str(bin_dir / "redis-server")
 
 
-def start_redis_cluster(stack: Stack, masters: int = 3) -> str:
+def start_redis_cluster(stack: Stack, masters: int = 3, extra_args: list[str] | None = None) -> str:
     binary = redis7_server()
     cli = str(Path(binary).with_name("redis-cli"))
     if not os.access(cli, os.X_OK):
@@ -181,7 +183,7 @@ def start_redis_cluster(stack: Stack, masters: int = 3) -> str:
             binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
             "--cluster-node-timeout", "5000", "--appendonly", "yes", "--appendfsync", "everysec",
-            "--save", "", "--daemonize", "no",
+            "--save", "", "--daemonize", "no", *(extra_args or []),
         ]  # fmt: skip
         stack.procs.append(_spawn("redis", args, STACK_DIR / f"redis-{port}.log", marker=f"{port}"))
     for port in ports:
@@ -228,8 +230,8 @@ def wait_ready(url: str, timeout_s: float = 30) -> None:
         time.sleep(0.1)
 
 
-def start_gateway_replica(stack: Stack, env: dict[str, str]) -> Proc:
-    port = free_port()
+def start_gateway_replica(stack: Stack, env: dict[str, str], port: int = 0) -> Proc:
+    port = port or free_port()
     proc = _spawn(
         "gateway",
         [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)],
@@ -241,6 +243,12 @@ def start_gateway_replica(stack: Stack, env: dict[str, str]) -> Proc:
     return proc
 
 
+def start_worker(stack: Stack, kind: str) -> Proc:
+    env = {"REDIS_URL": stack.redis_url, "DATABASE_URL": stack.database_url, **stack.env}
+    return _spawn(kind, [sys.executable, "-m", "gateway.cli", "worker", kind],
+                  STACK_DIR / f"{kind}.log", env=env, marker=f"worker {kind}")  # fmt: skip
+
+
 def write_upstreams(stack: Stack) -> None:
     nginx_dir = STACK_DIR / "nginx"
     lines = [f"server 127.0.0.1:{p.port};" for p in stack.find("gateway")]
@@ -248,42 +256,39 @@ def write_upstreams(stack: Stack) -> None:
 
 
 def up(
-    redis_mode: str = "standalone", replicas: int = 3, port: int = 0, env: dict[str, str] | None = None
+    redis_mode: str = "standalone",
+    replicas: int = 3,
+    port: int = 0,
+    env: dict[str, str] | None = None,
+    redis_args: list[str] | None = None,
 ) -> Stack:
-    """Start the whole stack; returns its description (also saved to .stack/state.json)."""
+    """Start the whole stack; returns its description (also saved to .stack/state.json).
+    `redis_args` go to every redis-server after the defaults (e.g. --appendfsync always)."""
     existing = Stack.load()
     if existing and any(is_ours(p) for p in existing.procs):
         raise EmbeddedError("a stack is already running: `make stack-down` first")
     shutil.rmtree(STACK_DIR, ignore_errors=True)
     STACK_DIR.mkdir(parents=True)
     nginx = ensure_nginx()
-    stack = Stack(redis_mode=redis_mode)
     extra = dict(env or {})
+    stack = Stack(redis_mode=redis_mode, redis_args=list(redis_args or []), env=extra)
     try:
         if redis_mode == "cluster":
-            stack.redis_url = start_redis_cluster(stack)
+            stack.redis_url = start_redis_cluster(stack, extra_args=stack.redis_args)
         else:
-            redis = start_redis(
-                STACK_DIR / "redis", persistent=True, log_file=STACK_DIR / "redis.log", detach=True
-            )
-            stack.procs.append(Proc("redis", redis.proc.pid, f"{redis.port}"))
-            stack.redis_url = redis.url
+            stack.procs.append(start_standalone_redis(stack))
+            stack.redis_url = f"redis://127.0.0.1:{stack.procs[-1].port}/0"
         stack.database_url = os.environ.get("DATABASE_URL", "")
         if not stack.database_url:
-            pg = start_postgres(STACK_DIR / "pg", log_file=STACK_DIR / "postgres.log", detach=True)
-            stack.procs.append(Proc("postgres", pg.proc.pid, str(pg.data_dir)))
-            stack.database_url = pg.url
+            stack.procs.append(start_stack_postgres())
+            stack.database_url = f"postgresql://postgres@127.0.0.1:{stack.procs[-1].port}/postgres"
         for _ in range(replicas):
             stack.procs.append(start_gateway_replica(stack, extra))
         for proc in stack.find("gateway"):
             wait_ready(f"http://127.0.0.1:{proc.port}/readyz")
             stack.gateways.append(f"http://127.0.0.1:{proc.port}")
-        worker_env = {"REDIS_URL": stack.redis_url, "DATABASE_URL": stack.database_url, **extra}
         for kind in ("sink", "source"):
-            stack.procs.append(
-                _spawn(kind, [sys.executable, "-m", "gateway.cli", "worker", kind],
-                       STACK_DIR / f"{kind}.log", env=worker_env, marker=f"worker {kind}")
-            )  # fmt: skip
+            stack.procs.append(start_worker(stack, kind))
         nginx_dir = STACK_DIR / "nginx"
         nginx_dir.mkdir()
         lb_port = port or int(os.environ.get("STACK_PORT", "0") or 0) or free_port()
@@ -305,6 +310,53 @@ def up(
         raise
     stack.save()
     return stack
+
+
+def start_standalone_redis(stack: Stack, port: int = 0) -> Proc:
+    redis = start_redis(
+        STACK_DIR / "redis",
+        port=port or None,
+        persistent=True,
+        extra_args=stack.redis_args,
+        log_file=STACK_DIR / "redis.log",
+        detach=True,
+    )
+    return Proc("redis", redis.proc.pid, f"{redis.port}", redis.port)
+
+
+def start_stack_postgres(port: int = 0) -> Proc:
+    pg = start_postgres(STACK_DIR / "pg", port=port or None, log_file=STACK_DIR / "postgres.log", detach=True)
+    return Proc("postgres", pg.proc.pid, str(pg.data_dir), pg.port)
+
+
+# --- faults (e2e/chaos): put one process back where it was ---------------------------
+
+
+def restart(stack: Stack, proc: Proc, sig: int = signal.SIGKILL, down_s: float = 0.0) -> Proc:
+    """Stop one gateway replica, worker, standalone Redis or Postgres of the
+    stack with `sig` (SIGKILL: a crash; Postgres wants SIGINT, a fast shutdown,
+    or its backends outlive it), leave it down `down_s` seconds, start it again
+    on the same port with the same data and settings; returns (and records) the
+    new process. nginx keeps its upstream list: the port is the replica's identity."""
+    if proc.role not in ("gateway", "sink", "source", "redis", "postgres") or (
+        proc.role == "redis" and stack.redis_mode != "standalone"
+    ):
+        raise ValueError(f"cannot restart {proc.role} ({stack.redis_mode})")
+    stop_proc(proc, sig)
+    time.sleep(down_s)
+    port = proc.port
+    if proc.role in ("sink", "source"):
+        new = start_worker(stack, proc.role)
+    elif proc.role == "gateway":
+        new = start_gateway_replica(stack, stack.env, port=port)
+        wait_ready(f"http://127.0.0.1:{port}/readyz")
+    elif proc.role == "redis":
+        new = start_standalone_redis(stack, port=port)
+    else:
+        new = start_stack_postgres(port=port)
+    stack.procs[stack.procs.index(proc)] = new
+    stack.save()
+    return new
 
 
 def stop_proc(proc: Proc, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
