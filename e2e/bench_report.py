@@ -91,13 +91,8 @@ def _lost(result: dict | None) -> float | None:
         return None
     if "readBack" in result:
         check = result["readBack"]
-        return (
-            check["missing"]
-            + check["duplicate"]
-            + check["outOfOrder"]
-            + check["unexpected"]
-            + check["foreign"]
-        )
+        kinds = ("missing", "duplicate", "outOfOrder", "unexpected", "foreign", "readIncomplete")
+        return sum(check.get(kind, 0) for kind in kinds)
     if "wrongReads" in result:
         return result["wrongReads"]
     if "wrong" in result:

@@ -172,16 +172,23 @@ function countStatus(counts, res) {
 }
 
 // Read a stream from -1 following Stream-Next-Offset until Stream-Up-To-Date.
+// A failed read is retried (up to 3 times), then the read is reported incomplete.
 async function readAll(conn, name, { maxRequests = 100000, deadline = now() + 60000 } = {}) {
   const bodies = []
   let offset = "-1"
   let requests = 0
   let bytes = 0
+  let failures = 0
   const started = now()
   while (requests < maxRequests && now() < deadline) {
     const res = await conn.request("GET", `${streamPath(name)}?offset=${encodeURIComponent(offset)}`, {}, null, 30000)
     requests += 1
-    if (res.status !== 200) throw new Error(`GET ${name} at ${offset}: ${res.status} ${res.error ?? res.body}`)
+    if (res.status !== 200) {
+      console.error(`loadgen: GET ${name} at ${offset}: ${res.status} ${res.error ?? res.body}`)
+      if (++failures > 3) break
+      await sleep(100)
+      continue
+    }
     bodies.push(res.body)
     bytes += res.body.length
     offset = res.headers.get("stream-next-offset")
