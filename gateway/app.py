@@ -29,6 +29,7 @@ from .redis_client import connect, reset_after
 from .routes import STREAM_PREFIX, StreamRoutes
 from .settings import Settings
 from .store import Store
+from .sweeper import sweep_forks_forever
 
 log = logging.getLogger("dsgw.app")
 access = logging.getLogger("dsgw.access")
@@ -72,6 +73,7 @@ class Gateway:
         # (long-poll answers 204, SSE ends cleanly) so in-flight work can drain.
         self.draining = False
         self._drain_watch: asyncio.Task[None] | None = None
+        self._fork_sweeper: asyncio.Task[None] | None = None
         self.redis: aioredis.Redis
         self.target: Any
         self.store: Store
@@ -104,6 +106,7 @@ class Gateway:
         )  # fmt: skip
         await self.hub.start()
         self._drain_watch = asyncio.create_task(self._watch_for_shutdown())
+        self._fork_sweeper = asyncio.create_task(sweep_forks_forever(self.store, s.fork_sweep_ms / 1000))
 
     async def _watch_for_shutdown(self) -> None:
         """uvicorn keeps serving in-flight requests after SIGTERM but tells no
@@ -122,6 +125,8 @@ class Gateway:
     async def stop(self) -> None:
         if self._drain_watch:
             self._drain_watch.cancel()
+        if self._fork_sweeper:
+            self._fork_sweeper.cancel()
         await self.hub.stop()
         await self.target.close()
 

@@ -17,18 +17,22 @@ Layout for the stream ``chat/room-1`` in shard 7::
                                          stream continues above it, so offsets never repeat
     ds:{s07}:chat/room-1:notify  channel published by every write, for live readers
     dsfeed:{s07}                 STREAM  sync feed of shard 7: one entry per append to a synced stream
+    dsforks:{s07}                ZSET    forks of shard 7 with a TTL or Expires-At -> deadline (ms), for
+                                         the fork sweeper (forks are never left to Redis key expiry)
 
 The shard of a name is crc32(name) mod DSGW_SHARDS; `dsgw info NAME` prints the keys.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zlib
 from dataclasses import dataclass
 
 PREFIX = "ds"
 FEED_PREFIX = "dsfeed"
+FORK_DEADLINES_PREFIX = "dsforks"
 # Changing the shard count moves every stream to other keys: set it once.
 SHARDS = int(os.environ.get("DSGW_SHARDS", "16"))
 
@@ -45,6 +49,10 @@ def feed_key(shard: int) -> str:
     return f"{FEED_PREFIX}:{shard_tag(shard)}"
 
 
+def fork_deadlines_key(shard: int) -> str:
+    return f"{FORK_DEADLINES_PREFIX}:{shard_tag(shard)}"
+
+
 @dataclass(frozen=True, slots=True)
 class StreamKeys:
     """The keys of one DS stream, in the order every Lua script takes them."""
@@ -57,6 +65,7 @@ class StreamKeys:
     forks: str
     feed: str
     tombstone: str
+    fork_deadlines: str
     channel: str
 
     @property
@@ -66,8 +75,16 @@ class StreamKeys:
 
     @property
     def all(self) -> list[str]:
-        """KEYS for the scripts: meta, data, producers, forks, feed, tombstone (one slot)."""
-        return [self.meta, self.data, self.producers, self.forks, self.feed, self.tombstone]
+        """KEYS for the scripts: meta, data, producers, forks, feed, tombstone, fork deadlines (one slot)."""
+        return [
+            self.meta,
+            self.data,
+            self.producers,
+            self.forks,
+            self.feed,
+            self.tombstone,
+            self.fork_deadlines,
+        ]
 
 
 def stream_keys(name: str) -> StreamKeys:
@@ -82,6 +99,7 @@ def stream_keys(name: str) -> StreamKeys:
         forks=f"{base}:forks",
         feed=feed_key(shard),
         tombstone=f"{base}:tomb",
+        fork_deadlines=fork_deadlines_key(shard),
         channel=f"{base}:notify",
     )
 
@@ -95,3 +113,14 @@ def name_from_meta_key(key: str) -> str | None:
 
 
 META_SCAN_PATTERN = f"{PREFIX}:{{s*}}:*:meta"
+
+RATE_PREFIX = "dsrl"
+
+
+def rate_key(identity: str, kind: str) -> str:
+    """A rate-limit key of one credential or client (gateway/ratelimit.py):
+    ``dsrl:{<hash of the identity>}:appends`` (STRING, a per-second counter) or
+    ``:live`` (ZSET, live connection id -> end of its lease in ms). Hashed so
+    neither a token nor an address is stored, and so the key has a fixed size."""
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
+    return f"{RATE_PREFIX}:{{{digest}}}:{kind}"

@@ -62,6 +62,9 @@ class Settings:
     read_chunk_bytes: int = 1024 * 1024
     # ... or after this many Redis entries.
     read_chunk_entries: int = 1000
+    # How often each gateway process removes forks whose TTL or Expires-At
+    # passed and that nobody touched since (gateway/sweeper.py).
+    fork_sweep_ms: int = 30_000
     # Access-Control-Allow-Origin values; "*" allows any origin.
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     # Cross-Origin-Resource-Policy on every response.
@@ -73,6 +76,26 @@ class Settings:
     # JSON streams whose messages the Postgres sink receives: comma-separated
     # globs on the stream name, decided when a stream is created; "-" for none.
     sink_streams: list[str] = field(default_factory=lambda: ["*"])
+    # Authentication (gateway/auth.py): on as soon as one credential source is set.
+    auth_jwt_secret: str = ""
+    auth_jwks: str = ""
+    auth_jwks_refresh_s: int = 300
+    auth_keys_file: str = ""
+    auth_issuer: str = ""
+    auth_audience: str = ""
+    auth_leeway_s: int = 10
+    # Rate limits per credential (or client address), shared through Redis; 0 = off.
+    rate_appends_per_s: int = 0
+    rate_live_connections: int = 0
+
+    def __post_init__(self) -> None:
+        if self.auth_jwt_secret and len(self.auth_jwt_secret.encode()) < 32:
+            # RFC 7518: an HS256 key at least as long as the hash (32 bytes).
+            raise ValueError("DSGW_AUTH_JWT_SECRET must be at least 32 bytes")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.auth_jwt_secret or self.auth_jwks or self.auth_keys_file)
 
     def sink_filter(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.sink_streams)
@@ -97,6 +120,7 @@ class Settings:
             producer_idle_s=env_int("DSGW_PRODUCER_IDLE_S", cls.producer_idle_s),
             read_chunk_bytes=env_int("DSGW_READ_CHUNK_BYTES", cls.read_chunk_bytes),
             read_chunk_entries=env_int("DSGW_READ_CHUNK_ENTRIES", cls.read_chunk_entries),
+            fork_sweep_ms=env_int("DSGW_FORK_SWEEP_MS", cls.fork_sweep_ms),
             cors_origins=_list("DSGW_CORS_ORIGINS", ["*"]),
             cross_origin_resource_policy=_str(
                 "DSGW_CROSS_ORIGIN_RESOURCE_POLICY", cls.cross_origin_resource_policy
@@ -104,6 +128,15 @@ class Settings:
             log_level=_str("DSGW_LOG_LEVEL", cls.log_level).upper(),
             access_log=_str("DSGW_ACCESS_LOG", "false").lower() in ("1", "true", "yes"),
             sink_streams=[p for p in _list("DSGW_SINK_STREAMS", ["*"]) if p != "-"],
+            auth_jwt_secret=os.environ.get("DSGW_AUTH_JWT_SECRET", ""),
+            auth_jwks=_str("DSGW_AUTH_JWKS", ""),
+            auth_jwks_refresh_s=env_int("DSGW_AUTH_JWKS_REFRESH_S", cls.auth_jwks_refresh_s),
+            auth_keys_file=_str("DSGW_AUTH_KEYS_FILE", ""),
+            auth_issuer=_str("DSGW_AUTH_ISSUER", ""),
+            auth_audience=_str("DSGW_AUTH_AUDIENCE", ""),
+            auth_leeway_s=env_int("DSGW_AUTH_LEEWAY_S", cls.auth_leeway_s),
+            rate_appends_per_s=env_int("DSGW_RATE_APPENDS_PER_S", cls.rate_appends_per_s),
+            rate_live_connections=env_int("DSGW_RATE_LIVE_CONNECTIONS", cls.rate_live_connections),
         )
 
     def describe(self) -> dict[str, object]:

@@ -3,7 +3,8 @@
 -- in one atomic step. A refused append changes nothing.
 --
 -- Input:
---   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the stream
+--   KEYS[1..7] meta, data, producers, forks, shard feed, tombstone of the stream,
+--              fork deadlines of its shard
 --   ARGV[1] media type of the request (lowercased, no parameters)
 --   ARGV[2] '1' to close the stream with this append, else ''
 --   ARGV[3] Stream-Seq, or ''

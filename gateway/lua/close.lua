@@ -3,7 +3,8 @@
 -- close is sequenced like an append, so a retry is recognised.
 --
 -- Input:
---   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the stream
+--   KEYS[1..7] meta, data, producers, forks, shard feed, tombstone of the stream,
+--              fork deadlines of its shard
 --   ARGV[1] Producer-Id, or '' (then ARGV[2], ARGV[3] are ignored)
 --   ARGV[2] Producer-Epoch
 --   ARGV[3] Producer-Seq

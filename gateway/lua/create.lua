@@ -3,7 +3,8 @@
 -- the source; the fork's own entries start above the fork offset.
 --
 -- Input:
---   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the new stream
+--   KEYS[1..7] meta, data, producers, forks, shard feed, tombstone of the new stream,
+--              fork deadlines of its shard
 --   ARGV[1]  content type as sent (stored and echoed byte-exact)
 --   ARGV[2]  media type (lowercased, no parameters), compared on re-create
 --   ARGV[3]  '1' for JSON mode, else ''

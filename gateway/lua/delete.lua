@@ -3,7 +3,8 @@
 -- last fork (fork_release.lua).
 --
 -- Input:
---   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the stream
+--   KEYS[1..7] meta, data, producers, forks, shard feed, tombstone of the stream,
+--              fork deadlines of its shard
 --   ARGV[1] publish command: 'PUBLISH' or 'SPUBLISH'
 --   ARGV[2] notification channel
 --

@@ -3,7 +3,8 @@
 -- Runs on the source's slot; create.lua then runs on the fork's.
 --
 -- Input:
---   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the SOURCE stream
+--   KEYS[1..7] meta, data, producers, forks, shard feed, tombstone of the SOURCE stream,
+--              fork deadlines of its shard
 --   ARGV[1] name of the fork
 --   ARGV[2] media type the fork asks for, or '' to inherit
 --   ARGV[3] fork offset as an entry ID, or '' for the source's tail

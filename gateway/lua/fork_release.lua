@@ -3,7 +3,8 @@
 -- last fork goes is removed, and the caller continues up the chain.
 --
 -- Input:
---   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the SOURCE stream
+--   KEYS[1..7] meta, data, producers, forks, shard feed, tombstone of the SOURCE stream,
+--              fork deadlines of its shard
 --   ARGV[1] name of the fork
 --
 -- Output:

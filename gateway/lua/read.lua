@@ -3,7 +3,8 @@
 -- a sliding TTL.
 --
 -- Input:
---   KEYS[1..6] meta, data, producers, forks, shard feed, tombstone of the stream
+--   KEYS[1..7] meta, data, producers, forks, shard feed, tombstone of the stream,
+--              fork deadlines of its shard
 --   ARGV[1] read entries with IDs above this one ('ms-seq'), or '' for metadata only
 --   ARGV[2] stop after the append that brings the body to this many bytes
 --   ARGV[3] '1' to count this as an access (restarts a sliding TTL), else ''

@@ -351,3 +351,28 @@ def test_producer_state_is_bounded_per_stream(own_redis, tmp_path):
         assert "Producer-Id" in too_long.json()["title"]
     finally:
         gw.stop()
+
+
+def test_expired_forks_nobody_touches_are_removed_and_release_their_source(own_redis, tmp_path):
+    gw = gateway_on(own_redis, tmp_path, DSGW_FORK_SWEEP_MS="300")
+    try:
+        source, fork = gw.stream_url("sweep-source"), gw.stream_url("sweep-fork")
+        assert (
+            httpx.put(source, headers={"content-type": "application/json"}, content=b"[1]").status_code == 201
+        )
+        forked = httpx.put(fork, headers={"stream-forked-from": "/v1/stream/sweep-source", "stream-ttl": "1"})
+        assert forked.status_code == 201
+        assert httpx.delete(source).status_code == 204  # soft: the fork still reads through it
+        assert httpx.get(source, params={"offset": "-1"}).status_code == 410
+        client = redis.Redis(port=own_redis.port)
+        try:
+            # Nobody touches the fork again: the sweeper removes it after its TTL,
+            # which releases the source, which then goes too.
+            _wait_for(lambda: not client.exists(stream_keys("sweep-fork").meta), 10)
+            _wait_for(lambda: not client.exists(stream_keys("sweep-source").meta), 5)
+            assert client.zcard(stream_keys("sweep-fork").fork_deadlines) == 0
+        finally:
+            client.close()
+        assert httpx.get(source, params={"offset": "-1"}).status_code == 404
+    finally:
+        gw.stop()

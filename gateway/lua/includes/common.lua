@@ -5,6 +5,7 @@
 --   KEYS[1] meta (HASH)   KEYS[2] data (STREAM)   KEYS[3] producers (HASH)
 --   KEYS[4] forks (SET)   KEYS[5] the shard's sync feed (STREAM)
 --   KEYS[6] tombstone (STRING): last entry ID of a removed stream of this name
+--   KEYS[7] the shard's fork deadlines (ZSET): fork name -> when it expires (ms)
 --
 -- Meta fields: name (the stream's name), sink ('1': appends go to the sync
 -- feed), ct (content type as sent), mt (media type: lowercased, no
@@ -77,12 +78,7 @@ end
 -- forks read through is kept until its last fork goes.
 local GC_GRACE_MS = 60000
 local function set_key_expiry(m)
-  -- Forks are never left to Redis expiry: their removal must release their
-  -- source's reference (fork_release.lua), which only an access does.
-  if not (m.ttl or m.exp) or m.src then
-    return
-  end
-  if redis.call('SCARD', KEYS[4]) > 0 then
+  if not (m.ttl or m.exp) then
     return
   end
   local deadline
@@ -91,6 +87,16 @@ local function set_key_expiry(m)
   end
   if m.exp and (not deadline or tonumber(m.exp) < deadline) then
     deadline = tonumber(m.exp)
+  end
+  if m.src then
+    -- Forks are never left to Redis expiry: their removal must release their
+    -- source's reference, which only an access does. The gateways' fork
+    -- sweeper (gateway/sweeper.py) makes that access once the deadline passes.
+    redis.call('ZADD', KEYS[7], int_str(deadline), m.name)
+    return
+  end
+  if redis.call('SCARD', KEYS[4]) > 0 then
+    return
   end
   for i = 1, 3 do
     redis.call('PEXPIREAT', KEYS[i], int_str(deadline + GC_GRACE_MS))
@@ -104,6 +110,9 @@ end
 local TOMBSTONE_MS = 600000
 local function drop_stream(m)
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  if m.src then
+    redis.call('ZREM', KEYS[7], m.name)
+  end
   if m.tail and m.tail ~= '0-0' then
     redis.call('SET', KEYS[6], m.tail, 'PX', TOMBSTONE_MS)
   end
