@@ -111,6 +111,8 @@ class LiveHub:
         self._pubsub: PubSub | None = None
         # Cluster + sharded: one reader task per node connection of the ClusterPubSub.
         self._node_tasks: dict[str, asyncio.Task[None]] = {}
+        # Cluster: channels whose master could not be reached (retried).
+        self._unsubscribed: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._ready = False
         self.notifications = 0
@@ -165,6 +167,9 @@ class LiveHub:
     async def _subscribe(self, *names: str, reconnecting: bool = False) -> None:
         if self._pubsub is None or not names:
             return
+        if self._cluster and self._sharded:
+            await self._subscribe_per_node(names)
+            return
         try:
             if self._sharded:
                 await self._pubsub.ssubscribe(*names)
@@ -175,8 +180,22 @@ class LiveHub:
                 raise  # the run loop starts over
             # A new watch: the run loop notices a broken connection and resubscribes.
             log.warning("subscribe failed: %s", exc)
-        if self._cluster and self._sharded:
-            self._start_node_readers()
+
+    async def _subscribe_per_node(self, names: tuple[str, ...] | list[str]) -> None:
+        """Cluster: subscribe channel by channel, so that an unreachable master
+        leaves only its own shards' channels unsubscribed (retried every
+        second by the pump; their readers re-read every recheck interval
+        meanwhile) instead of taking every channel, and readiness, down."""
+        assert self._pubsub is not None
+        for name in names:
+            try:
+                await self._pubsub.ssubscribe(name)
+                self._unsubscribed.discard(name)
+            except Exception as exc:
+                if name not in self._unsubscribed:
+                    log.warning("subscribe failed, retrying: %s: %s", name, exc)
+                self._unsubscribed.add(name)
+        self._start_node_readers()
 
     def _start_node_readers(self) -> None:
         """Read every node's sharded subscriptions concurrently. (redis-py's
@@ -193,6 +212,23 @@ class LiveHub:
             message = await node_pubsub.get_message(timeout=1.0)
             if message is not None:
                 self._dispatch(message)
+
+    async def _recover_failed_nodes(self) -> None:
+        mapping = getattr(self._pubsub, "node_pubsub_mapping", {})
+        for node_name, task in list(self._node_tasks.items()):
+            if not task.done() or task.cancelled() or task.exception() is None:
+                continue
+            log.warning("live subscription to %s lost: %s", node_name, task.exception())
+            del self._node_tasks[node_name]
+            node_pubsub = mapping.pop(node_name, None)
+            if node_pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await node_pubsub.aclose()
+            # Which channels lived there is the client's business: subscribe all
+            # again (a no-op on healthy nodes); everyone re-reads once.
+            self._unsubscribed.update(self._channels)
+            for channel in self._channels.values():
+                channel.bump()
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
@@ -240,11 +276,12 @@ class LiveHub:
         while True:
             started = time.monotonic()
             if self._cluster and self._sharded:
-                # Node readers do the reading; here: notice a failed one (the
-                # run loop then reconnects everything) and start new ones.
-                for task in self._node_tasks.values():
-                    if task.done() and not task.cancelled() and task.exception():
-                        raise task.exception()  # type: ignore[misc]
+                # Node readers do the reading; here: replace a failed one (its
+                # master went away: only that node's channels are resubscribed)
+                # and retry channels whose master was unreachable.
+                await self._recover_failed_nodes()
+                if self._unsubscribed:
+                    await self._subscribe_per_node(sorted(self._unsubscribed))
                 self._start_node_readers()
                 await asyncio.sleep(1.0)
                 message = None
