@@ -177,12 +177,17 @@ class Processes:
 
 
 def ensure_bench_tools() -> None:
+    """npm install in e2e/bench when node_modules is missing or older than package.json."""
+    stamp = BENCH_DIR / "node_modules" / ".installed-stamp"
+    manifests = [BENCH_DIR / "package.json", BENCH_DIR / "package-lock.json"]
+    if stamp.exists() and all(stamp.stat().st_mtime >= m.stat().st_mtime for m in manifests):
+        return
     # `npm install`, not `npm ci`: the reference server pulls in optional
     # per-platform packages that npm leaves out of the lockfile on other platforms.
-    if not (BENCH_DIR / "node_modules" / "@durable-streams" / "server").exists():
-        subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=BENCH_DIR, check=True
-        )
+    subprocess.run(
+        ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=BENCH_DIR, check=True
+    )
+    stamp.touch()
 
 
 def start_reference(procs: Processes) -> Server:
@@ -373,6 +378,8 @@ def run_scenarios(
         reference=f"@durable-streams/server (e2e/bench/package.json), in memory, long-poll {REFERENCE_LONG_POLL_MS} ms",
         gateway=f"dsgw serve --workers {args.gateway_workers}",
         redis=f"{redis_version}; appendonly yes, appendfsync everysec",
+        # Settings are the defaults unless the environment says otherwise: record what it said.
+        gateway_env={k: v for k, v in os.environ.items() if k.startswith("DSGW_")},
     )
     servers = [reference, gateway]
     append_s = plan.warmup_s + plan.seconds + 120
