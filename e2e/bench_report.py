@@ -11,6 +11,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -77,12 +78,13 @@ AT_MOST_REF = Target("ratio<=", 1.0)
 NONE_LOST = Target("==", 0)
 
 
-def _get(data: dict | None, *path: str) -> float | None:
+def _get(data: Any, *path: str) -> Any:
+    """data[path[0]][path[1]]..., or None where a key is missing (a scenario that did not run)."""
     for key in path:
         if not isinstance(data, dict) or key not in data:
             return None
         data = data[key]
-    return data  # type: ignore[return-value]
+    return data
 
 
 def _lost(result: dict | None) -> float | None:
