@@ -61,7 +61,7 @@ class Settings:
     # A catch-up response stops after the append that crosses this many bytes.
     read_chunk_bytes: int = 1024 * 1024
     # ... or after this many Redis entries.
-    read_chunk_entries: int = 1000
+    read_chunk_entries: int = 10_000
     # How often each gateway process removes forks whose TTL or Expires-At
     # passed and that nobody touched since (gateway/sweeper.py).
     fork_sweep_ms: int = 30_000
