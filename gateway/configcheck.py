@@ -102,6 +102,8 @@ async def check(mask: Callable[[str], str]) -> dict[str, Any]:
         for key in ("redis_url", "database_url"):
             if key in settings:
                 settings[key] = mask(redis_url if key == "redis_url" else database_url) or "(not set)"
+    if gateway.get("auth_jwt_secret"):
+        gateway["auth_jwt_secret"] = "***"  # a secret is never printed
 
     if redis_url:
         problems += await check_redis(redis_url, mask)

@@ -17,11 +17,13 @@ from redis.exceptions import RedisError
 from starlette.types import Receive, Send
 
 from . import metrics, sse
+from .auth import SCOPE_DEADLINE
 from .http import Headers, Reply, StreamRequest, abort_connection
 from .keys import stream_keys
 from .live import Watch
 from .offsets import ZERO_ID, BadOffset, EntryId, format_offset, parse_offset
 from .protocol import ProblemError, bad_request, next_cursor, sse_needs_base64
+from .ratelimit import live_slot
 from .store import ReadResult
 
 if TYPE_CHECKING:
@@ -105,10 +107,11 @@ class StreamReads:
 
         if live is not None:
             self._admit_live()
-            if live == "sse":
-                await self.sse(request, name, after, send, extra)
-                return None
-            return await self.long_poll(request, name, after)
+            async with live_slot(request):  # DSGW_RATE_LIVE_CONNECTIONS, when set
+                if live == "sse":
+                    await self.sse(request, name, after, send, extra)
+                    return None
+                return await self.long_poll(request, name, after)
 
         result = await self._read(name, after, touch=True)
         if after is None:
@@ -197,6 +200,8 @@ class StreamReads:
             return self._timeout_reply(result, None)
 
         deadline = time.monotonic() + self.settings.long_poll_timeout_ms / 1000
+        # A long-poll never outlives the token it was authorised with.
+        deadline = min(deadline, request.scope.get(SCOPE_DEADLINE, deadline))
         self.live_connections += 1
         metrics.LIVE_READERS_LONG_POLL.inc()
         try:
@@ -271,7 +276,8 @@ class StreamReads:
                         task, send, {"type": "http.response.start", "status": 200, "headers": headers}
                     )
                     cursor_in = request.query_one("cursor")
-                    async for chunk in self._sse_events(name, first, binary, cursor_in, watch):
+                    token_end = request.scope.get(SCOPE_DEADLINE)
+                    async for chunk in self._sse_events(name, first, binary, cursor_in, watch, token_end):
                         await self._send(
                             task, send, {"type": "http.response.body", "body": chunk, "more_body": True}
                         )
@@ -320,10 +326,18 @@ class StreamReads:
                     task.cancel()
 
     async def _sse_events(
-        self, name: str, first: ReadResult, binary: bool, cursor_in: str | None, watch: Watch
+        self,
+        name: str,
+        first: ReadResult,
+        binary: bool,
+        cursor_in: str | None,
+        watch: Watch,
+        token_end: float | None = None,
     ):  # type: ignore[no-untyped-def]
         s = self.settings
         lifetime_end = time.monotonic() + s.sse_max_lifetime_ms / 1000
+        if token_end is not None:
+            lifetime_end = min(lifetime_end, token_end)
         keepalive_s = s.sse_keepalive_ms / 1000
         cursor = next_cursor(cursor_in)
         result = first
@@ -347,6 +361,12 @@ class StreamReads:
                 )
                 since_event = time.monotonic()
             if closed:
+                return
+            if token_end is not None and time.monotonic() >= token_end:
+                # The token expired: say where to resume (with a new token), then end.
+                yield sse.control_event(
+                    result.next_offset, cursor=cursor, up_to_date=result.up_to_date, closed=False
+                )
                 return
             if result.up_to_date and not watching_since_first_read:
                 # The first read came before the watch: read once more now

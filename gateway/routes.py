@@ -9,7 +9,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from starlette.types import Send
 
-from . import metrics
+from . import auth, metrics
 from .http import Headers, Reply, StreamRequest, reply_from
 from .offsets import BadOffset, EntryId, format_offset, parse_offset
 from .protocol import (
@@ -26,6 +26,7 @@ from .protocol import (
     parse_ttl,
     split_json_messages,
 )
+from .ratelimit import request_guard
 from .reads import StreamReads
 from .store import ForkRequest, WriteOutcome
 
@@ -60,12 +61,16 @@ class StreamRoutes:
         self.gw = gateway
         self.settings = gateway.settings
         self.reads = StreamReads(gateway)
+        # Authentication and rate limits (gateway/ratelimit.py); None when off.
+        self.guard = request_guard(gateway)
 
     async def handle(self, request: StreamRequest, send: Send, extra: Headers) -> int:
         """Answer one request; returns the status sent."""
         method = request.method
         try:
             name = stream_name(request.name)
+            if self.guard is not None:
+                await self.guard(request, name)
             if method == "POST":
                 reply = await self.post(request, name)
             elif method == "GET":
@@ -100,6 +105,8 @@ class StreamRoutes:
         fork = self._fork_request(
             h(b"stream-forked-from"), h(b"stream-fork-offset"), h(b"stream-fork-sub-offset")
         )
+        if fork is not None:
+            auth.require(request, "read", fork.source)  # a fork reads its source
         body = await request.body(self.settings.max_body_bytes)
 
         store = self.gw.store
