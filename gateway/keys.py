@@ -29,6 +29,7 @@ import hashlib
 import os
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 PREFIX = "ds"
 FEED_PREFIX = "dsfeed"
@@ -87,6 +88,7 @@ class StreamKeys:
         ]
 
 
+@lru_cache(maxsize=8192)  # a session's stream is used again and again: build its keys once
 def stream_keys(name: str) -> StreamKeys:
     shard = shard_of(name)
     base = f"{PREFIX}:{shard_tag(shard)}:{name}"

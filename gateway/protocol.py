@@ -8,6 +8,7 @@ import random
 import re
 import time
 from datetime import datetime
+from functools import lru_cache
 
 import orjson
 
@@ -49,6 +50,7 @@ def bad_request(title: str, detail: str = "") -> ProblemError:
 # --- content types ---------------------------------------------------------
 
 
+@lru_cache(maxsize=256)  # few distinct values: parse each once
 def media_type(content_type: str) -> str:
     """The comparable part of a Content-Type: no parameters, trimmed, lowercase."""
     return content_type.split(";", 1)[0].strip().lower()
@@ -408,7 +410,7 @@ _sink_decoder = json.JSONDecoder(parse_int=_int_or_float)
 def json_array_elements(text: str) -> list[tuple[str, object]]:
     """(text as written, parsed value) of each element of a JSON array text
     whose elements are messages this module accepted (the sink's feed entries)."""
-    if not text[_skip_ws(text, 0) :].startswith("["):
+    if not text.startswith("[", _skip_ws(text, 0)):
         raise ValueError("not a JSON array")
     texts = _split_text(text, element_depth=0, max_messages=0)
     return [(element, _sink_decoder.decode(element)) for element in texts]
