@@ -41,7 +41,14 @@ sys.path.insert(0, str(ROOT))
 
 from e2e import bench_report  # noqa: E402
 from e2e.stack import redis7_server, wait_ready  # noqa: E402
-from gateway.embedded import EmbeddedError, free_port, start_redis, stop_child, wait_for_port  # noqa: E402
+from gateway.embedded import (  # noqa: E402
+    EmbeddedError,
+    die_with_parent,
+    free_port,
+    start_redis,
+    stop_child,
+    wait_for_port,
+)
 
 REFERENCE_LONG_POLL_MS = 500
 WRITERS = 64
@@ -157,7 +164,8 @@ class Processes:
         self.started: list[subprocess.Popen] = []
 
     def spawn(self, args: list[str], **kwargs) -> subprocess.Popen:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, **kwargs)
+        # die_with_parent: a harness killed with SIGKILL leaves no server behind.
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent, **kwargs)
         self.started.append(proc)
         return proc
 
@@ -185,7 +193,10 @@ def ensure_bench_tools() -> None:
     # `npm install`, not `npm ci`: the reference server pulls in optional
     # per-platform packages that npm leaves out of the lockfile on other platforms.
     subprocess.run(
-        ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=BENCH_DIR, check=True
+        ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=BENCH_DIR,
+        check=True,
+        timeout=600,
     )
     stamp.touch()
 
@@ -260,9 +271,9 @@ def ensure_wrk() -> str:
     print("wrk not found: installing Debian's wrk with apt-get", file=sys.stderr)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "wrk"]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-        subprocess.run(install, env=env, capture_output=True)
+    if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
+        subprocess.run(install, env=env, capture_output=True, timeout=600)
     found = shutil.which("wrk")
     if not found:
         raise HarnessError("wrk could not be installed with apt-get")
@@ -531,4 +542,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM unwinds like Ctrl-C, through the `finally` that stops every server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

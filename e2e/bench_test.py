@@ -129,3 +129,34 @@ def test_a_tiny_run_measures_every_scenario_on_both_servers(tmp_path: Path) -> N
             assert row["reference"] in (0, None), (metric, row)
     assert table[("a append", "appends/s")]["ratio"] is not None
     assert table[("e long-poll", "wake p50")]["verdict"] in ("PASS", "MISS")
+
+
+@pytest.mark.skipif(
+    not (bench_compare.BENCH_DIR / "node_modules" / "@durable-streams" / "server").exists(),
+    reason="benchmark npm tools not installed (make bench installs them in e2e/bench)",
+)
+def test_a_terminated_run_leaves_no_process_behind(tmp_path: Path) -> None:
+    harness = subprocess.Popen(
+        [sys.executable, "-m", "e2e.bench_compare", "--smoke", "--only", "f", "--out", str(tmp_path)],
+        cwd=bench_compare.ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert harness.stdout is not None
+        for line in harness.stdout:  # (f) runs once the reference, Redis and the gateway are up
+            if line.startswith("f:"):
+                break
+        time.sleep(1)
+        started = bench_compare.process_tree(harness.pid)[1:]
+        assert len(started) >= 4  # reference, redis, gateway parent and workers (and more)
+        harness.terminate()
+        assert harness.wait(60) == 143
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+    deadline = time.monotonic() + 10
+    while any(bench_compare.cmdline(pid) for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [bench_compare.cmdline(pid) for pid in started if bench_compare.cmdline(pid)]
