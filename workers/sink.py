@@ -3,17 +3,28 @@
 Every shard's sync feed (dsfeed:{sNN}, written by the append script) is read
 by the consumer group `dsgw-sink`; any number of sink processes join it and
 Redis spreads the entries over them. A batch is written in one Postgres
-transaction (COPY into a temporary table, then INSERT ... ON CONFLICT DO
-NOTHING on (stream_name, ds_offset)) and acknowledged (XACK) only after the
-commit. So:
+transaction and acknowledged (XACK) only after the commit. So:
 
 - a crash before the commit leaves the entries pending: another sink (or this
-  one, restarted) takes them over with XAUTOCLAIM once they have been idle for
+  one, restarted) takes them over once they have been idle for
   DSGW_SINK_CLAIM_IDLE_MS, and writes them;
 - a crash between commit and XACK makes the batch arrive again: the unique
-  constraint turns the second write into nothing.
+  constraint on (stream_name, ds_offset) turns the second write into nothing.
 
 Hence exactly one row per message. Acknowledged feed entries are trimmed.
+
+A batch is bounded by entries (DSGW_SINK_BATCH) and by bytes
+(DSGW_SINK_BATCH_BYTES): gateway/lua/sink_read.lua measures entries inside
+Redis and delivers only those that fit, both for new entries and for entries
+taken over, so big messages never exhaust a sink or come back forever.
+
+Python parses no JSON on the way: each feed entry (one append: its entry IDs
+and its messages as one JSON array) is copied as it is into a temporary
+table, and one INSERT ... SELECT splits the arrays into rows in Postgres. When
+Postgres refuses a batch for its data, the batch is halved until the refused
+entries are alone; those are written message by message, and the messages
+Postgres refuses go to session_events_rejected. A poison message never blocks
+the entries behind it.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +47,7 @@ from gateway.keys import SHARDS, feed_key
 from gateway.offsets import format_offset, parse_entry_id
 from gateway.protocol import json_array_elements
 from gateway.redis_client import reset_after
+from gateway.scripts import script_source
 
 from .process import Backoff, Health
 from .settings import WorkerSettings
@@ -44,6 +57,7 @@ log = logging.getLogger("dsgw.sink")
 GROUP = "dsgw-sink"
 CLAIM_EVERY_S = 5.0
 TRIM_EVERY_S = 2.0
+SINK_READ = script_source("sink_read")
 
 ROWS = Counter("dsgw_sink_rows_total", "Messages written to session_events (conflicts included)")
 REJECTED = Counter("dsgw_sink_rejected_total", "Messages Postgres refused, kept in session_events_rejected")
@@ -55,6 +69,38 @@ LAG = Histogram(
 )
 PENDING = Gauge("dsgw_sink_pending_entries", "Feed entries delivered but not yet acknowledged", ["shard"])
 
+# Feed entries as they are: the stream, the entry IDs (space-separated), and
+# the messages as one JSON array (bytes, decoded by Postgres).
+ENTRIES_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS dsgw_sink_entries"
+    " (stream_name text, ids text, messages bytea) ON COMMIT DELETE ROWS"
+)
+# One row per message. The subquery parses each array once (OFFSET 0 keeps
+# the planner from inlining it); an entry whose IDs and messages do not pair
+# up fails (jsonb_array_elements of a scalar) rather than losing messages.
+# ds_offset and received_at come from the entry ID, as in gateway/offsets.py;
+# key, type and operation from the message or its headers (workers/sql/004).
+INSERT_FROM_ENTRIES = """
+INSERT INTO session_events
+       (stream_name, event_key, event_type, operation, payload, ds_offset, received_at)
+SELECT e.stream_name,
+       dsgw_event_field(m.value, 'key'),
+       dsgw_event_field(m.value, 'type'),
+       dsgw_event_field(m.value, 'operation'),
+       m.value,
+       lpad(split_part(e.ids[m.n], '-', 1), 16, '0') || '_' || lpad(split_part(e.ids[m.n], '-', 2), 16, '0'),
+       to_timestamp(split_part(e.ids[m.n], '-', 1)::bigint / 1000.0)
+  FROM (SELECT stream_name, string_to_array(ids, ' ') AS ids,
+               convert_from(messages, 'UTF8')::jsonb AS messages
+          FROM dsgw_sink_entries OFFSET 0) e
+ CROSS JOIN LATERAL jsonb_array_elements(
+           CASE WHEN jsonb_array_length(e.messages) = cardinality(e.ids) THEN e.messages
+                ELSE to_jsonb('feed entry IDs and messages do not pair up'::text) END
+       ) WITH ORDINALITY AS m(value, n)
+    ON CONFLICT (stream_name, ds_offset) DO NOTHING
+"""
+# Message by message (the entries Postgres refused as a whole). STAGE_DDL and
+# INSERT_FROM_STAGE write such rows in bulk: e2e/bench_sync.py's baseline.
 STAGE_DDL = (
     "CREATE TEMP TABLE IF NOT EXISTS dsgw_sink_stage ("
     " stream_name text, event_key text, event_type text, operation text,"
@@ -79,12 +125,14 @@ Row = tuple[str, str | None, str | None, str | None, str, str, datetime]
 
 # Errors that retrying cannot fix: the data itself is refused (by Postgres,
 # e.g. a \u0000 or a lone surrogate escape in jsonb, a key too long for an
-# index; or by the driver, e.g. a string it cannot encode).
+# index, a feed entry whose IDs and messages do not pair up; or by the
+# driver, e.g. a string it cannot encode).
 DATA_ERRORS = (
     asyncpg.DataError,
     asyncpg.ProgramLimitExceededError,
     asyncpg.UntranslatableCharacterError,
     asyncpg.CharacterNotInRepertoireError,
+    asyncpg.IntegrityConstraintViolationError,
     UnicodeError,
 )
 
@@ -92,12 +140,16 @@ DATA_ERRORS = (
 def _text_field(obj: dict[str, Any], name: str) -> str | None:
     value = obj.get(name)
     if value is None:
+        headers = obj.get("headers")
+        value = headers.get(name) if isinstance(headers, dict) else None
+    if value is None:
         return None
     return value if isinstance(value, str) else json.dumps(value)
 
 
 def rows_from_feed_entry(fields: dict[bytes, bytes]) -> list[Row]:
-    """The session_events rows of one feed entry (one append). The payload is
+    """The session_events rows of one feed entry (one append), parsed in
+    Python: the path for entries Postgres refused as a whole. The payload is
     each message's JSON text as appended, so numbers keep every digit."""
     stream = fields[b"stream"].decode()
     ids = fields[b"ids"].split()
@@ -120,6 +172,33 @@ def rows_from_feed_entry(fields: dict[bytes, bytes]) -> list[Row]:
             )
         )
     return rows
+
+
+EntryRecord = tuple[str, str, bytes]
+
+
+@dataclass(slots=True)
+class FeedEntry:
+    id: bytes
+    fields: dict[bytes, bytes]
+
+    def record(self) -> EntryRecord:
+        """Its row of dsgw_sink_entries (KeyError, UnicodeDecodeError: unreadable)."""
+        return self.fields[b"stream"].decode(), self.fields[b"ids"].decode(), self.fields[b"json"]
+
+    @property
+    def messages(self) -> int:
+        return self.fields[b"ids"].count(b" ") + 1
+
+
+def feed_entries(raw: list[Any]) -> list[FeedEntry]:
+    """Entries from XREADGROUP (redis-py: (id, dict)) or sink_read.lua (flat field lists)."""
+    entries = []
+    for entry_id, fields in raw:
+        if not isinstance(fields, dict):
+            fields = dict(zip(fields[::2], fields[1::2], strict=True))
+        entries.append(FeedEntry(entry_id, fields))
+    return entries
 
 
 class SinkWorker:
@@ -165,19 +244,23 @@ class SinkWorker:
                     await self._ensure_group(key)
                     group_ready = True
                 now = time.monotonic()
-                entries: list[Any] = []
+                entries: list[FeedEntry] = []
                 if now - last_claim > CLAIM_EVERY_S:
                     last_claim = now
-                    entries = await self._claim(key)
+                    entries = await self._take(key, claim=True)
+                    if entries:
+                        log.info(
+                            "claimed stale entries", extra={"fields": {"feed": key, "count": len(entries)}}
+                        )
                 if not entries:
+                    entries = await self._take(key, claim=False)
+                if not entries:
+                    # Nothing waiting: block for the next entry. One only:
+                    # its size is unknown (the next round measures again).
                     reply: Any = await self.redis.xreadgroup(
-                        GROUP,
-                        self.consumer,
-                        {key: ">"},
-                        count=self.settings.sink_batch,
-                        block=self.settings.sink_block_ms,
+                        GROUP, self.consumer, {key: ">"}, count=1, block=self.settings.sink_block_ms
                     )
-                    entries = reply[0][1] if reply else []
+                    entries = feed_entries(reply[0][1]) if reply else []
                 if entries:
                     await self._process(shard, key, entries)
                 if now - last_trim > TRIM_EVERY_S:
@@ -202,87 +285,111 @@ class SinkWorker:
                 log.exception("sink shard %d failed", shard)
                 await backoff.wait(self.stop)
 
-    async def _claim(self, key: str) -> list[Any]:
-        """Take over entries another consumer left unacknowledged for too long."""
-        reply = await self.redis.xautoclaim(
+    async def _take(self, key: str, *, claim: bool) -> list[FeedEntry]:
+        """The next batch: new entries, or (claim) entries another consumer
+        left unacknowledged for DSGW_SINK_CLAIM_IDLE_MS; at most
+        DSGW_SINK_BATCH entries and DSGW_SINK_BATCH_BYTES (plus one entry)."""
+        reply = await self.redis.execute_command(
+            "EVAL",
+            SINK_READ,
+            1,
             key,
             GROUP,
             self.consumer,
-            min_idle_time=self.settings.sink_claim_idle_ms,
-            start_id="0-0",
-            count=self.settings.sink_batch,
+            max(1, self.settings.sink_batch),
+            max(1, self.settings.sink_batch_bytes),
+            self.settings.sink_claim_idle_ms if claim else "",
         )
-        claimed = reply[1] if reply else []
-        if claimed:
-            log.info("claimed stale entries", extra={"fields": {"feed": key, "count": len(claimed)}})
-        return claimed
+        return feed_entries(reply or [])
 
-    async def _process(self, shard: int, key: str, entries: list[Any]) -> None:
-        rows: list[Row] = []
-        unreadable: list[tuple[bytes, dict[bytes, bytes] | None, str]] = []
-        for entry_id, fields in entries:
-            if not fields:
-                continue  # trimmed or deleted while pending: nothing to write
+    async def _process(self, shard: int, key: str, entries: list[FeedEntry]) -> None:
+        readable: list[tuple[FeedEntry, EntryRecord]] = []
+        unreadable: list[tuple[FeedEntry, str]] = []
+        for entry in entries:
             try:
-                rows.extend(rows_from_feed_entry(fields))
-            except (KeyError, ValueError, UnicodeDecodeError, RecursionError) as exc:
-                unreadable.append((entry_id, fields, str(exc)))
+                readable.append((entry, entry.record()))
+            except (KeyError, UnicodeDecodeError) as exc:
+                unreadable.append((entry, f"{type(exc).__name__}: {exc}"))
         backoff = Backoff()
         while True:
             try:
-                await self._write(rows, unreadable)
-                break
-            except DATA_ERRORS:
-                await self._write_one_by_one(rows, unreadable)
+                await self._write(readable, unreadable)
                 break
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                # Postgres is down or restarting: keep the batch, try again. The
-                # entries stay pending, so a SIGTERM now loses nothing either.
-                log.warning("sink cannot write to postgres: %s", exc)
+                # Postgres is down or restarting, or refuses the batch for a
+                # reason other than its data: keep the batch, try again (the
+                # shard's /healthz turns 503 if this lasts). The entries stay
+                # pending, so a SIGTERM now loses nothing either.
+                log.warning("sink cannot write to postgres: %s: %s", type(exc).__name__, exc)
                 if self.stop.is_set():
                     return
                 await backoff.wait(self.stop)
-        await self.redis.xack(key, GROUP, *[entry_id for entry_id, _ in entries])
+        await self.redis.xack(key, GROUP, *[entry.id for entry in entries])
         now = time.time()
         lag = LAG.labels(str(shard))
+        for entry, _ in readable:
+            lag.observe(max(0.0, now - parse_entry_id(entry.id)[0] / 1000))
+        ROWS.inc(sum(entry.messages for entry, _ in readable))
+
+    async def _write(
+        self, entries: list[tuple[FeedEntry, EntryRecord]], unreadable: list[tuple[FeedEntry, str]]
+    ) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(ENTRIES_DDL)
+            await self._write_entries(conn, entries, alone=True)
+            for entry, error in unreadable:
+                await self._reject_entry(conn, entry, error)
+
+    async def _write_entries(
+        self, conn: asyncpg.Connection, entries: list[tuple[FeedEntry, EntryRecord]], *, alone: bool
+    ) -> None:
+        """Write `entries` in bulk; if Postgres refuses them for their data,
+        halve them until the refused entries are alone, and write those
+        message by message. `alone`: nothing else was staged in this
+        transaction (else the staged entries are cleared after use)."""
+        if not entries:
+            return
+        try:
+            async with conn.transaction():  # a savepoint: a refusal undoes only this
+                await conn.copy_records_to_table("dsgw_sink_entries", records=[r for _, r in entries])
+                await conn.execute(INSERT_FROM_ENTRIES)
+                if not alone:
+                    await conn.execute("TRUNCATE dsgw_sink_entries")
+        except DATA_ERRORS:
+            if len(entries) == 1:
+                await self._write_messages(conn, entries[0][0])
+                return
+            half = len(entries) // 2
+            await self._write_entries(conn, entries[:half], alone=False)
+            await self._write_entries(conn, entries[half:], alone=False)
+
+    async def _write_messages(self, conn: asyncpg.Connection, entry: FeedEntry) -> None:
+        """An entry Postgres refused: write message by message, keeping refused ones aside."""
+        try:
+            rows = rows_from_feed_entry(entry.fields)
+        except (KeyError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+            await self._reject_entry(conn, entry, f"{type(exc).__name__}: {exc}")
+            return
         for row in rows:
-            lag.observe(max(0.0, now - row[6].timestamp()))
-        ROWS.inc(len(rows))
+            try:
+                async with conn.transaction():
+                    await conn.execute(INSERT_ONE, *row)
+            except DATA_ERRORS as exc:
+                REJECTED.inc()
+                log.warning(
+                    "postgres refused a message",
+                    extra={"fields": {"stream": row[0], "ds_offset": row[5]}},
+                )
+                raw = row[4].encode("utf-8", "surrogatepass")
+                await conn.execute(INSERT_REJECTED, row[0], row[5], raw, str(exc))
 
-    async def _write(self, rows: list[Row], unreadable: list[tuple[bytes, Any, str]]) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            if rows:
-                await conn.execute(STAGE_DDL)
-                await conn.copy_records_to_table("dsgw_sink_stage", records=rows)
-                await conn.execute(INSERT_FROM_STAGE)
-            for entry_id, fields, error in unreadable:
-                await self._reject(conn, fields, entry_id, error)
-
-    async def _write_one_by_one(self, rows: list[Row], unreadable: list[tuple[bytes, Any, str]]) -> None:
-        """A batch Postgres refused: write row by row, keeping refused rows aside."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            for row in rows:
-                try:
-                    async with conn.transaction():
-                        await conn.execute(INSERT_ONE, *row)
-                except DATA_ERRORS as exc:
-                    REJECTED.inc()
-                    log.warning(
-                        "postgres refused a message",
-                        extra={"fields": {"stream": row[0], "ds_offset": row[5]}},
-                    )
-                    raw = row[4].encode("utf-8", "surrogatepass")
-                    await conn.execute(INSERT_REJECTED, row[0], row[5], raw, str(exc))
-            for entry_id, fields, error in unreadable:
-                await self._reject(conn, fields, entry_id, error)
-
-    async def _reject(self, conn: asyncpg.Connection, fields: Any, entry_id: bytes, error: str) -> None:
+    async def _reject_entry(self, conn: asyncpg.Connection, entry: FeedEntry, error: str) -> None:
+        """A feed entry that cannot even be split into messages: kept whole."""
         REJECTED.inc()
-        stream = (fields or {}).get(b"stream", b"?").decode(errors="replace")
-        raw = json.dumps(
-            {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (fields or {}).items()}
-        )
-        await conn.execute(INSERT_REJECTED, stream, f"feed:{entry_id.decode()}", raw.encode(), error)
+        fields = entry.fields
+        stream = fields.get(b"stream", b"?").decode(errors="replace")
+        raw = json.dumps({k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()})
+        await conn.execute(INSERT_REJECTED, stream, f"feed:{entry.id.decode()}", raw.encode(), error)
 
     async def _trim(self, shard: int, key: str) -> None:
         """Drop acknowledged entries: everything below the oldest pending one
@@ -323,4 +430,4 @@ async def run_sink(settings: WorkerSettings) -> None:
         await serve_until_stopped(SinkWorker(settings, redis, pool), settings)
     finally:
         await pool.close()
-        await redis.aclose()
+        await target.close()

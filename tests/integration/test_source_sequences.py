@@ -129,7 +129,7 @@ async def test_a_client_stream_seq_cannot_make_the_worker_drop_changes(
         messages = await wait_for_messages(redis_server.url, stream, 5, timeout_s=20)
     finally:
         worker.stop()
-    assert [m.get("value", m)for m in messages] == [
+    assert [m.get("value", m) for m in messages] == [
         {"id": 1, "v": 1}, {"from": "a client"}, {"id": 2, "v": 2}, {"id": 3, "v": 3}, {"id": 4, "v": 4},
     ]  # fmt: skip
 
