@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -383,3 +384,37 @@ def require(request: StreamRequest, operation: str, name: str) -> None:
 def authenticator(settings: Settings) -> Authenticator | None:
     """None when authentication is off: the request path then checks one attribute."""
     return Authenticator(settings) if settings.auth_enabled else None
+
+
+# --- development tooling (`dsgw token`) ----------------------------------------------------
+
+_DURATION = re.compile(r"(\d+)([smhd]?)")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'90', '45s', '30m', '1h', '7d' -> seconds."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not match or int(match.group(1)) <= 0:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30m, 1h, 7d)")
+    return int(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def dev_token(settings: Settings, ds: dict[str, list[str]], ttl_s: int, subject: str) -> str:
+    """An HS256 token signed with DSGW_AUTH_JWT_SECRET, carrying the
+    configured issuer and audience, so this gateway accepts it."""
+    if not settings.auth_jwt_secret:
+        raise ValueError("DSGW_AUTH_JWT_SECRET is not set: no secret to sign with")
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": subject, "iat": now, "exp": now + ttl_s, "ds": ds}
+    if settings.auth_issuer:
+        claims["iss"] = settings.auth_issuer
+    if settings.auth_audience:
+        claims["aud"] = settings.auth_audience
+    return jwt.encode(claims, settings.auth_jwt_secret, algorithm="HS256")
+
+
+def new_api_key(name: str, ds: dict[str, list[str]]) -> tuple[str, dict[str, Any]]:
+    """A random API key and its entry for DSGW_AUTH_KEYS_FILE (which keeps only the hash)."""
+    key = "dsk_" + secrets.token_urlsafe(32)
+    return key, {"name": name, "sha256": hash_key(key), "ds": ds}

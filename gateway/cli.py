@@ -528,6 +528,41 @@ def check_config(as_json: bool = typer.Option(False, "--json", help="Machine-rea
         raise typer.Exit(1)
 
 
+# --- auth: development tokens and API keys ------------------------------------------------
+
+
+@app.command()
+def token(
+    read: list[str] = typer.Option([], "--read", help="Glob of streams it may read (repeatable)."),
+    append: list[str] = typer.Option([], "--append", help="Glob of streams it may append to."),
+    manage: list[str] = typer.Option([], "--manage", help="Glob of streams it may create, fork, delete."),
+    ttl: str = typer.Option("1h", "--ttl", help="Lifetime: 45s, 30m, 1h, 7d."),
+    sub: str = typer.Option("dev", "--sub", help="Subject (rate limits count per subject)."),
+    api_key: str = typer.Option(
+        "", "--api-key", metavar="NAME", help="Instead: a new API key and its DSGW_AUTH_KEYS_FILE entry."
+    ),
+) -> None:
+    """Mint a development HS256 token from DSGW_AUTH_JWT_SECRET (globs: `*` stays
+    within one path segment, `**` crosses `/`), or a new API key."""
+    import json
+
+    from .auth import dev_token, new_api_key, parse_duration
+    from .settings import Settings
+
+    ds = {op: globs for op, globs in (("read", read), ("append", append), ("manage", manage)) if globs}
+    if not ds:
+        raise CliError("grant something: --read, --append and/or --manage GLOB")
+    if api_key:
+        key, entry = new_api_key(api_key, ds)
+        typer.echo(key)
+        typer.echo(f"add to the keys list of DSGW_AUTH_KEYS_FILE: {json.dumps(entry)}", err=True)
+        return
+    try:
+        typer.echo(dev_token(Settings.from_env(), ds, parse_duration(ttl), sub))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 # --- entry point ---------------------------------------------------------------------
 
 

@@ -228,3 +228,73 @@ def test_rate_keys_hide_the_identity() -> None:
     key = rate_key("key:ci", "appends")
     assert key.startswith("dsrl:{") and key.endswith("}:appends") and "ci" not in key
     assert rate_key("key:ci", "live") != key
+
+
+# --- dsgw token ------------------------------------------------------------------------
+
+
+def run_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str
+) -> tuple[int, str, str]:
+    from gateway.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return int(exit_.value.code or 0), out, err
+
+
+async def test_dsgw_token_mints_what_the_gateway_accepts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DSGW_AUTH_JWT_SECRET", SECRET)
+    monkeypatch.setenv("DSGW_AUTH_ISSUER", "https://issuer")
+    monkeypatch.setenv("DSGW_AUTH_AUDIENCE", "dsgw")
+    code, out, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "token",
+        "--read",
+        "chat/s-1",
+        "--append",
+        "chat/*",
+        "--ttl",
+        "30m",
+        "--sub",
+        "u1",
+    )
+    assert code == 0
+    a = Authenticator(Settings.from_env())
+    grant = await a.authorize(request(out.strip(), "POST"), "chat/s-2")
+    assert grant.subject == "jwt:https://issuer:u1"
+    assert 29 * 60 < grant.expires_at - time.time() <= 30 * 60
+    await a.authorize(request(out.strip()), "chat/s-1")
+    with pytest.raises(ProblemError):
+        await a.authorize(request(out.strip()), "chat/s-2")
+
+
+def test_dsgw_token_errors_are_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("DSGW_AUTH_JWT_SECRET", raising=False)
+    code, _, err = run_cli(monkeypatch, capsys, "token", "--read", "x")
+    assert code == 1 and err.strip() == "dsgw: DSGW_AUTH_JWT_SECRET is not set: no secret to sign with"
+    monkeypatch.setenv("DSGW_AUTH_JWT_SECRET", SECRET)
+    code, _, err = run_cli(monkeypatch, capsys, "token", "--read", "x", "--ttl", "soon")
+    assert code == 1 and "not a duration" in err
+    code, _, err = run_cli(monkeypatch, capsys, "token")
+    assert code == 1 and "--read" in err
+
+
+def test_dsgw_token_api_key(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(monkeypatch, capsys, "token", "--read", "a/**", "--api-key", "ci")
+    assert code == 0
+    entry = json.loads(err.split(": ", 1)[1])
+    assert entry == {"name": "ci", "sha256": hash_key(out.strip()), "ds": {"read": ["a/**"]}}
+
+
+@pytest.mark.parametrize(
+    "text, seconds", [("90", 90), ("45s", 45), ("30m", 1800), ("1h", 3600), ("7d", 604800)]
+)
+def test_parse_duration(text: str, seconds: int) -> None:
+    assert auth.parse_duration(text) == seconds
