@@ -160,7 +160,7 @@ def fanout_rows(label: str, pair: dict) -> list[Row]:
         Row(label, "all subscribers served p99", "ms", _get(ours, "allServedMs", "p99"), _get(ref, "allServedMs", "p99")),
         Row(label, "connect p50", "ms", _get(ours, "connectMs", "p50"), _get(ref, "connectMs", "p50")),
         Row(label, "connect p99", "ms", _get(ours, "connectMs", "p99"), _get(ref, "connectMs", "p99")),
-        Row(label, "append rate achieved", "1/s", _get(ours, "achievedRate"), _get(ref, "achievedRate")),
+        Row(label, "append rate sent", "1/s", _get(ours, "achievedRate"), _get(ref, "achievedRate")),
         Row(label, "missing", "", _get(ours, "missing"), _get(ref, "missing"), NONE_LOST),
         Row(label, "duplicate", "", _get(ours, "duplicate"), _get(ref, "duplicate"), NONE_LOST),
         Row(label, "out of order", "", _get(ours, "outOfOrder"), _get(ref, "outOfOrder"), NONE_LOST),
