@@ -16,6 +16,7 @@ import pytest
 
 from e2e import bench_compare, bench_report
 from e2e.bench_report import Row, Target
+from gateway.embedded import start_redis
 
 WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:4599
   1 threads and 64 connections
@@ -100,10 +101,34 @@ def test_process_tree_finds_grandchildren() -> None:
     assert all(gone(pid) for pid in tree)
 
 
-@pytest.mark.skipif(
+NEEDS_BENCH_TOOLS = pytest.mark.skipif(
     not (bench_compare.BENCH_DIR / "node_modules" / "@durable-streams" / "server").exists(),
     reason="benchmark npm tools not installed (make bench installs them in e2e/bench)",
 )
+
+
+@NEEDS_BENCH_TOOLS
+def test_an_open_loop_writer_faster_than_the_server_keeps_each_streams_order(tmp_path: Path) -> None:
+    """The fan-out writer pipelines appends it cannot wait for; the server must see them in
+    send order, so every subscriber reads them in order."""
+    procs = bench_compare.Processes()
+    try:
+        redis = start_redis(tmp_path / "redis", persistent=False)
+        procs.started.append(redis.proc)
+        gateway = bench_compare.start_gateway(procs, redis.url, 1, tmp_path / "gateway.log")
+        result = bench_compare.run_loadgen(
+            gateway, "fanout", deadline_s=60, prefix=bench_compare.unique("pipe"), streams=2, subsPerStream=2,
+            messagesPerStream=200, rate=2000, bodyBytes=100, connectConcurrency=4, drainS=20, connectTimeoutS=10,
+        )  # fmt: skip
+    finally:
+        procs.stop_all()
+    assert result["appendStatuses"] == {"204": 400}
+    assert result["delivered"] == result["expectedDeliveries"] == 800
+    assert result["outOfOrder"] == result["duplicate"] == result["missing"] == 0
+    assert result["maxPipelined"] > 1  # appends were sent before the previous one was answered
+
+
+@NEEDS_BENCH_TOOLS
 def test_a_tiny_run_measures_every_scenario_on_both_servers(tmp_path: Path) -> None:
     assert bench_compare.main(["--smoke", "--no-wrk", "--gateway-workers", "2", "--out", str(tmp_path)]) == 0
     (saved,) = tmp_path.glob("results-*.json")
@@ -131,10 +156,7 @@ def test_a_tiny_run_measures_every_scenario_on_both_servers(tmp_path: Path) -> N
     assert table[("e long-poll", "wake p50")]["verdict"] in ("PASS", "MISS")
 
 
-@pytest.mark.skipif(
-    not (bench_compare.BENCH_DIR / "node_modules" / "@durable-streams" / "server").exists(),
-    reason="benchmark npm tools not installed (make bench installs them in e2e/bench)",
-)
+@NEEDS_BENCH_TOOLS
 def test_a_terminated_run_leaves_no_process_behind(tmp_path: Path) -> None:
     harness = subprocess.Popen(
         [sys.executable, "-m", "e2e.bench_compare", "--smoke", "--only", "f", "--out", str(tmp_path)],

@@ -451,6 +451,7 @@ async function fanoutScenario() {
   const interval = 1000 / rate
   let firstSent = null
   let lastSent = null
+  let maxPipelined = 0 // most appends of one stream in flight at once
   // Open loop: each append leaves at its scheduled time, pipelined behind any
   // still unanswered on its stream's one connection, so a slow server sees the
   // offered rate (and its queue) while each stream's order stays the send order.
@@ -458,14 +459,17 @@ async function fanoutScenario() {
     names.map(async (name, j) => {
       const conn = connection()
       const inFlight = []
+      let unanswered = 0
       for (let k = 0; k < M; k++) {
         await sleep(t0 + (k * streams + j) * interval - now())
         const sent = now()
         firstSent ??= sent
         lastSent = sent
         const body = padded({ type: "fanout", k, t: Number(sent.toFixed(3)) }, bodyBytes)
+        maxPipelined = Math.max(maxPipelined, ++unanswered)
         inFlight.push(
           conn.request("POST", streamPath(name), JSON_TYPE, body, 30000).then((res) => {
+            unanswered -= 1
             countStatus(appendStatuses, res)
             if (res.status >= 200 && res.status < 300) {
               acked[j][k] = 1
@@ -509,6 +513,7 @@ async function fanoutScenario() {
     appendStatuses,
     appendLatencyMs: percentiles(appendLatencies),
     sendMs,
+    maxPipelined,
     achievedRate: sendMs > 0 ? (streams * M - 1) / (sendMs / 1000) : null,
     expectedDeliveries: expectedAcked,
     delivered,
