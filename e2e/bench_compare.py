@@ -209,7 +209,7 @@ def start_reference(procs: Processes) -> Server:
         stdout=subprocess.DEVNULL,
     )
     wait_for_port(port, proc=proc)
-    return Server("reference", f"http://127.0.0.1:{port}", [proc.pid])
+    return Server("reference", f"http://127.0.0.1:{port}", [proc.pid], proc=proc)
 
 
 def start_gateway(procs: Processes, redis_url: str, workers: int, log: Path) -> Server:
@@ -374,9 +374,11 @@ def run_scenarios(
     results: dict,
     setup: dict,
     errors: list[str],
+    warnings: list[str],
 ) -> None:
     """Start the servers, run the selected scenarios into `results`; a scenario
-    that fails is recorded in `errors` and the others still run."""
+    that fails is recorded in `errors` and the others still run; a server
+    process that dies is recorded in `warnings`."""
     only = set(args.only)
     reference = start_reference(procs)
     redis_binary = redis7_server()
@@ -405,6 +407,13 @@ def run_scenarios(
         except (HarnessError, EmbeddedError, OSError, subprocess.SubprocessError) as error:
             errors.append(f"{letter}: {error}")
             print(f"  harness error: {error}", file=sys.stderr, flush=True)
+        for server in servers:  # a server process that died is a finding, not a harness failure
+            gone = [pid for pid in server.pids if not cmdline(pid)]
+            if gone:
+                warnings.append(f"{letter}: {server.name}: processes {gone} are gone")
+                print(f"  warning: {warnings[-1]}", file=sys.stderr, flush=True)
+                if server.proc is not None and server.proc.poll() is None:
+                    server.pids = process_tree(server.proc.pid)  # count the replacements from now on
         print(f"  ({time.monotonic() - started:.0f} s)", flush=True)
 
     append_params = {"deadline_s": append_s, "writers": plan.writers, "seconds": plan.seconds,
@@ -516,15 +525,17 @@ def main(argv: list[str] | None = None) -> int:
     procs = Processes()
     results: dict = {}
     errors: list[str] = []
+    warnings: list[str] = []
     with tempfile.TemporaryDirectory(prefix="dsgw-bench-") as tmp:
         try:
-            run_scenarios(args, plan, procs, Path(tmp), results, report["setup"], errors)
+            run_scenarios(args, plan, procs, Path(tmp), results, report["setup"], errors, warnings)
         except (HarnessError, EmbeddedError, OSError, subprocess.SubprocessError) as error:
             errors.append(str(error))
             print(f"harness error: {error}", file=sys.stderr)
         finally:
             procs.stop_all()
     report["errors"] = errors
+    report["warnings"] = warnings
     report["machine"]["loadavgAfter"] = os.getloadavg()
     rows = bench_report.all_rows(results)
     report["results"] = results
@@ -536,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     print(bench_report.render(rows))
     print(bench_report.render_loadgen(results))
     print(f"results: {path}; gateway logs: {args.logs}")
+    if warnings:
+        print("warnings:\n  " + "\n  ".join(warnings), file=sys.stderr)
     if errors:
         print("harness errors:\n  " + "\n  ".join(errors), file=sys.stderr)
     return 1 if errors else 0
