@@ -15,6 +15,8 @@ Layout for the stream ``chat/room-1`` in shard 7::
     ds:{s07}:chat/room-1:forks   SET     names of the forks that still read through this stream
     ds:{s07}:chat/room-1:tomb    STRING  last entry ID of a removed stream (10 min): a re-created
                                          stream continues above it, so offsets never repeat
+    ds:{s07}:chat/room-1:creating STRING while this stream is being created as a fork (60 s at most):
+                                         its reference on the source is not a vanished fork's
     ds:{s07}:chat/room-1:notify  channel published by every write, for live readers
     dsfeed:{s07}                 STREAM  sync feed of shard 7: one entry per append to a synced stream
     dsforks:{s07}                ZSET    forks of shard 7 with a TTL or Expires-At -> deadline (ms), for
@@ -67,6 +69,7 @@ class StreamKeys:
     feed: str
     tombstone: str
     fork_deadlines: str
+    creating: str
     channel: str
 
     @property
@@ -102,6 +105,7 @@ def stream_keys(name: str) -> StreamKeys:
         feed=feed_key(shard),
         tombstone=f"{base}:tomb",
         fork_deadlines=fork_deadlines_key(shard),
+        creating=f"{base}:creating",
         channel=f"{base}:notify",
     )
 

@@ -101,6 +101,9 @@ class ForkRequest:
 
 Messages = list[bytes] | list[str]
 
+# How long a fork's "being created" marker lives if its gateway dies meanwhile.
+CREATING_MS = 60_000
+
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -187,6 +190,33 @@ class Store:
         fork: ForkRequest | None = None,
     ) -> CreateOutcome:
         keys = stream_keys(name)
+        if fork is None:
+            return await self._create(
+                name, keys, content_type, media_type, ttl, expires_at, closed, body, None
+            )
+        # While this fork is being made, its reference on the source exists but
+        # the fork does not yet: the marker keeps a concurrent delete of the
+        # source from taking the reference for a vanished fork's.
+        await self.mux.execute("SET", keys.creating, "1", "PX", CREATING_MS, key=keys.creating)
+        try:
+            return await self._create(
+                name, keys, content_type, media_type, ttl, expires_at, closed, body, fork
+            )
+        finally:
+            await self.mux.execute("DEL", keys.creating, key=keys.creating)
+
+    async def _create(
+        self,
+        name: str,
+        keys: StreamKeys,
+        content_type: str,
+        media_type: str,
+        ttl: int | None,
+        expires_at: tuple[str, int] | None,
+        closed: bool,
+        body: Messages | None,
+        fork: ForkRequest | None,
+    ) -> CreateOutcome:
         groups: list[Messages] = []
         fork_args = ["", "", "", ""]
         if fork is not None:
@@ -399,10 +429,13 @@ class Store:
         otherwise this soft-deleted stream would never go."""
         forks_key = stream_keys(name).forks
         for raw in await self.mux.execute("SMEMBERS", forks_key, key=forks_key, retry_if_lost=True):
-            fork = _text(raw)
-            fork_meta = stream_keys(fork).meta
-            if not await self.mux.execute("EXISTS", fork_meta, key=fork_meta, retry_if_lost=True):
-                await self.release_fork(name, fork)
+            fork = stream_keys(_text(raw))
+            # Both keys share the fork's slot: one EXISTS counts either.
+            alive = await self.mux.execute(
+                "EXISTS", fork.meta, fork.creating, key=fork.meta, retry_if_lost=True
+            )
+            if not alive:
+                await self.release_fork(name, fork.name)
 
     # --- reads ------------------------------------------------------------------
 

@@ -376,3 +376,35 @@ def test_expired_forks_nobody_touches_are_removed_and_release_their_source(own_r
         assert httpx.get(source, params={"offset": "-1"}).status_code == 404
     finally:
         gw.stop()
+
+
+async def test_a_fork_made_while_its_source_is_deleted_keeps_its_inherited_data(own_redis):
+    """The window between taking the reference on the source and creating the
+    fork: a delete of the source then must not take the reference for a
+    vanished fork's (and drop the source's data)."""
+    from gateway.protocol import JSON_MEDIA_TYPE
+    from gateway.redis_mux import RedisMux
+    from gateway.store import ForkRequest, Store
+
+    mux = RedisMux(own_redis.url, timeout_s=5)
+    store = Store(mux)
+    try:
+        await store.create_json_stream("race-source")
+        first = await store.append("race-source", JSON_MEDIA_TYPE, ["1", "2"])
+        await store.append("race-source", JSON_MEDIA_TYPE, ["3", "4"])
+        prefix = store._sub_offset_prefix
+
+        async def delete_source_meanwhile(*args):  # type: ignore[no-untyped-def]
+            await store.delete("race-source")  # soft: the fork's reference is there
+            return await prefix(*args)
+
+        store._sub_offset_prefix = delete_source_meanwhile  # type: ignore[method-assign]
+        created = await store.create(
+            "race-fork", content_type="", media_type="", ttl=None, expires_at=None, closed=False, body=None,
+            fork=ForkRequest("race-source", first.tail, 1),
+        )  # fmt: skip
+        assert created.created
+        result = await store.read("race-fork", (0, 0), touch=False, max_bytes=1 << 20, max_entries=100)
+        assert b"[" + result.body + b"]" == b"[1,2,3]"  # inherited 1,2; the sub-offset's prefix 3
+    finally:
+        await mux.close()
