@@ -42,8 +42,8 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisError,
     ResponseError,
-    TimeoutError,
 )
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("dsgw.redis")
 
@@ -201,7 +201,9 @@ class NodeConnection(asyncio.Protocol):
                 self._timer = self._loop.call_at(deadline, self._expire)
                 break
             if not future.done():
-                future.set_exception(TimeoutError(f"no answer from {self.address} in {self._timeout_s:g} s"))
+                future.set_exception(
+                    RedisTimeoutError(f"no answer from {self.address} in {self._timeout_s:g} s")
+                )
             self._expired += 1
         if pending and now - pending[0][1] > (STALL_TIMEOUTS - 1) * self._timeout_s:
             log.warning("redis connection stalled: closing it", extra={"fields": {"node": self.address}})
@@ -258,10 +260,7 @@ class RedisMux:
             return await self._node.execute(*command)
 
     async def ping_all(self) -> dict[str, bool]:
-        try:
-            return {self._node.address: await self._node.execute("PING") in (b"PONG", "PONG")}
-        except RedisError:
-            return {self._node.address: False}
+        return {self._node.address: await _answers_ping(self._node)}
 
     async def close(self) -> None:
         self._node.close()
@@ -361,13 +360,7 @@ class ClusterMux:
             await self.refresh_slots()
         masters = sorted(set(self._slots) - {""})
 
-        async def ping(address: str) -> bool:
-            try:
-                return await self._node(address).execute("PING") in (b"PONG", "PONG")
-            except RedisError:
-                return False
-
-        results = await asyncio.gather(*(ping(a) for a in masters))
+        results = await asyncio.gather(*(_answers_ping(self._node(a)) for a in masters))
         return dict(zip(masters, results, strict=True))
 
     async def close(self) -> None:
@@ -375,6 +368,17 @@ class ClusterMux:
             self._refreshing.cancel()
         for node in self._nodes.values():
             node.close()
+
+
+# A health check answers within this, whatever the command timeout.
+PING_TIMEOUT_S = 1.0
+
+
+async def _answers_ping(node: NodeConnection) -> bool:
+    try:
+        return await asyncio.wait_for(node.execute("PING"), PING_TIMEOUT_S) in (b"PONG", "PONG")
+    except (RedisError, TimeoutError):
+        return False
 
 
 def _redirect_address(exc: RedisError) -> str:
