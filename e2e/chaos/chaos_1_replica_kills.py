@@ -36,7 +36,9 @@ async def test_replica_sigkilled_twice_under_64_idempotent_producers():
         async with client(connections=PY_PER_STREAM * STREAMS + 8) as http:
             for url in urls:
                 assert (await http.put(url, headers=JSON)).status_code == 201
-            producers = [Producer(f"py-{k}-{j}", url) for k, url in enumerate(urls) for j in range(PY_PER_STREAM)]
+            producers = [
+                Producer(f"py-{k}-{j}", url) for k, url in enumerate(urls) for j in range(PY_PER_STREAM)
+            ]
             spec = {
                 "producers": [{"url": url, "id": f"ts-{k}"} for k, url in enumerate(urls)],
                 "count": COUNT,
@@ -67,7 +69,9 @@ async def test_replica_sigkilled_twice_under_64_idempotent_producers():
             tp.refused = [(-1, 0, e) for e in result["errors"]]
         problems = check_exactly_once_in_order(messages, producers + ts_producers)
 
-        print(f"  replica {victim.port} SIGKILLed and restarted after {kills[0]} and {kills[1]} acknowledged appends")
+        print(
+            f"  replica {victim.port} SIGKILLed and restarted after {kills[0]} and {kills[1]} acknowledged appends"
+        )
         print(f"  Python producers ({len(producers)}): {summarize(producers)}")
         print(f"  TypeScript IdempotentProducer ({len(ts_producers)}): "
               f"{sum(len(p.acked) for p in ts_producers)} appends acknowledged (flush resolved), "

@@ -5,6 +5,7 @@ readers that resume from their last offset, metrics and memory of a process."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import time
@@ -65,7 +66,7 @@ class Http1:
         broken, refused or timed-out connection, which is then dropped."""
         try:
             return await asyncio.wait_for(self._exchange(method, url, headers, body), self.timeout_s)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
             self.close()
             raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -77,7 +78,9 @@ class Http1:
         reader, writer = self._streams
         parts = urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        head = f"{method} {target} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\ncontent-length: {len(body)}\r\n"
+        head = (
+            f"{method} {target} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\ncontent-length: {len(body)}\r\n"
+        )
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         writer.write(head.encode() + b"\r\n" + body)
         status_line, *lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
@@ -195,7 +198,7 @@ def check_exactly_once_in_order(messages: list[dict], producers: list[Producer])
         acked = set(p.acked)
         problems["lost (acknowledged, not in the stream)"] += len(acked - set(stored))
         problems["duplicated"] += len(stored) - len(set(stored))
-        problems["out of the producer's order"] += sum(1 for a, b in zip(stored, stored[1:]) if b <= a)
+        problems["out of the producer's order"] += sum(1 for a, b in itertools.pairwise(stored) if b <= a)
         problems["in the stream, never acknowledged"] += len(set(stored) - acked)
         problems["refused (409/403/4xx)"] += len(p.refused)
     problems["from unknown producers"] += sum(len(v) for v in by_producer.values())
@@ -233,7 +236,9 @@ class SseReader:
     async def run(self, client: httpx.AsyncClient) -> None:
         while len(self.received) < self.total:
             try:
-                async with client.stream("GET", self.url, params={"offset": self.offset, "live": "sse"}) as sse:
+                async with client.stream(
+                    "GET", self.url, params={"offset": self.offset, "live": "sse"}
+                ) as sse:
                     sse.raise_for_status()
                     event = None
                     pending: list = []
