@@ -261,7 +261,10 @@ def run_loadgen(server: Server, scenario: str, *, deadline_s: float, **params) -
             raise HarnessError(
                 f"loadgen {scenario} on {server.name} exited {done.returncode}: {done.stderr[-2000:]}"
             )
-        return json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        if done.stderr.strip():  # e.g. retried reads: kept with the numbers they may explain
+            result["stderr"] = done.stderr[-5000:]
+        return result
 
 
 def ensure_wrk() -> str:
