@@ -130,6 +130,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     pg_at = lambda: masked(_using.get("Postgres", "?"))  # noqa: E731
     try:
         return asyncio.run(coro)
+    except BrokenPipeError:
+        raise  # stdout closed (`dsgw tail x | head`): not a connection problem
     except (RedisConnectionError, RedisTimeout) as exc:
         raise CliError(f"cannot reach Redis at {redis_at()}: {exc}") from None
     except RedisError as exc:
@@ -592,6 +594,11 @@ def main(argv: list[str] | None = None) -> None:
         code = 1
     except (KeyboardInterrupt, typer.Abort):
         code = 130
+    except BrokenPipeError:
+        # The reader went away (`dsgw tail x | head -1`): stop quietly, and keep
+        # Python from complaining when it flushes stdout on exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     sys.exit(code if isinstance(code, int) else 0)
 
 

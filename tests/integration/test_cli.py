@@ -217,3 +217,23 @@ def test_check_config(redis_server, postgres_server):
     assert "error: DSGW_LONG_POLL_TIMEOUT_MS='soon' is not a valid value" in bad.stdout
     assert "error: cannot reach Redis at redis://:***@127.0.0.1:" in bad.stdout
     assert "secret" not in bad.stdout
+
+
+def test_tail_into_a_closed_pipe_is_quiet(gateway, redis_server, http, unique):
+    url = gateway.stream_url(unique)
+    http.put(url, headers={"content-type": "application/json"})
+    batch = json.dumps([{"n": i, "pad": "x" * 100} for i in range(3000)])  # far more than a pipe buffer
+    assert http.post(url, headers={"content-type": "application/json"}, content=batch).status_code == 204
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "tail", unique],
+        cwd=ROOT,
+        env={**os.environ, "REDIS_URL": redis_server.url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # like `dsgw tail NAME | head -1`
+    err = proc.stderr.read()
+    assert proc.wait(30) == 1
+    assert err == b""
