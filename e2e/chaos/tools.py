@@ -155,10 +155,11 @@ class Producer:
             self.retries += 1
             await asyncio.sleep(0.05)
 
-    async def run(self, count: int, pause_s: float = 0.0) -> None:
+    async def run(self, count: int, pause_s: float = 0.0, stop: asyncio.Event | None = None) -> None:
+        """Append seqs 0..count-1 (or until `stop` is set), each until acknowledged."""
         try:
             for seq in range(count):
-                if not await self.append(seq):
+                if (stop and stop.is_set()) or not await self.append(seq):
                     return
                 if pause_s:
                     await asyncio.sleep(pause_s)
