@@ -23,8 +23,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, logs, metrics
+from .console import console_routes
 from .http import ClientGone, Headers, Reply, StreamRequest, problem_reply
 from .live import LiveHub
+from .openapi import openapi_routes
 from .redis_client import connect, reset_after
 from .routes import STREAM_PREFIX, StreamRoutes
 from .settings import Settings
@@ -329,6 +331,8 @@ def create_app(settings: Settings | None = None) -> Any:
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            *openapi_routes(settings),  # /openapi.json
+            *console_routes(gateway),  # /console (DSGW_CONSOLE)
         ]
     )
     return EdgeMiddleware(app, settings, routes)

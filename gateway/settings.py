@@ -87,6 +87,8 @@ class Settings:
     # Rate limits per credential (or client address), shared through Redis; 0 = off.
     rate_appends_per_s: int = 0
     rate_live_connections: int = 0
+    # The web console at /console (gateway/console.py); its data behind auth when auth is on.
+    console: bool = True
 
     def __post_init__(self) -> None:
         if self.auth_jwt_secret and len(self.auth_jwt_secret.encode()) < 32:
@@ -137,6 +139,7 @@ class Settings:
             auth_leeway_s=env_int("DSGW_AUTH_LEEWAY_S", cls.auth_leeway_s),
             rate_appends_per_s=env_int("DSGW_RATE_APPENDS_PER_S", cls.rate_appends_per_s),
             rate_live_connections=env_int("DSGW_RATE_LIVE_CONNECTIONS", cls.rate_live_connections),
+            console=_str("DSGW_CONSOLE", "true").lower() in ("1", "true", "yes"),
         )
 
     def describe(self) -> dict[str, object]:

@@ -1,0 +1,585 @@
+"""The OpenAPI 3.1 description of the gateway's HTTP API, served at /openapi.json.
+
+Written out here rather than generated: the stream handlers are lean ASGI
+(gateway/routes.py, gateway/reads.py), not FastAPI routes, and what a client
+needs is their headers and status codes. tests/integration/test_openapi.py
+checks real responses against this document (Schemathesis) and that every path
+and method the gateway serves is in it; docs/http.md is the prose version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from . import __version__
+from .settings import Settings
+
+OPENAPI_PATH = "/openapi.json"
+STREAM_PATH = "/v1/stream/{name}"
+RESERVED_PATH = "/v1/stream/__ds/{path}"
+
+Doc = dict[str, Any]
+
+DIGITS = {"type": "string", "pattern": "^[0-9]+$"}
+TRUE = {"type": "string", "enum": ["true"]}
+
+
+def _header(description: str, schema: Doc | None = None) -> Doc:
+    return {"description": description, "schema": schema or {"type": "string"}}
+
+
+HEADERS: dict[str, Doc] = {
+    "Stream-Next-Offset": _header(
+        "Where to read next: the offset after the data returned (the tail when nothing is).",
+        {"$ref": "#/components/schemas/Offset"},
+    ),
+    "Stream-Up-To-Date": _header("Present (`true`) when the response reaches the stream's tail.", TRUE),
+    "Stream-Closed": _header(
+        "Present (`true`) when the stream is closed and this response reaches its end.", TRUE
+    ),
+    "Stream-Cursor": _header("The cursor to send back on the next live read (cache busting).", DIGITS),
+    "Stream-TTL": _header("The stream's sliding time to live, in seconds.", DIGITS),
+    "Stream-Expires-At": _header("The stream's fixed expiry (RFC 3339), as it was set."),
+    "Stream-SSE-Data-Encoding": _header(
+        "`base64` when SSE data payloads are base64 (streams that are neither text/* nor JSON).",
+        {"type": "string", "enum": ["base64"]},
+    ),
+    "ETag": _header("Identifies this read's range (and whether it ends closed); for If-None-Match."),
+    "Cache-Control": _header(
+        "`public, max-age=60, stale-while-revalidate=300` for a historical chunk, else no-cache or no-store."
+    ),
+    "Location": _header("The created stream's absolute URL."),
+    "Producer-Epoch": _header("The producer's epoch: echoed, or the current one on a 403.", DIGITS),
+    "Producer-Seq": _header("The accepted seq; on a duplicate, the highest accepted seq.", DIGITS),
+    "Producer-Expected-Seq": _header("On a sequence gap: the seq the gateway expected.", DIGITS),
+    "Producer-Received-Seq": _header("On a sequence gap: the seq it received.", DIGITS),
+    "Retry-After": _header("Seconds to wait before retrying.", DIGITS),
+    "WWW-Authenticate": _header("The bearer challenge (RFC 6750) when auth is on."),
+    "Allow": _header("The methods a stream URL takes."),
+    "X-Request-Id": _header(
+        "The request's id (the client's X-Request-Id when sane), in every log line of it."
+    ),
+    "X-Content-Type-Options": _header("Always `nosniff`.", {"type": "string", "enum": ["nosniff"]}),
+    "Cross-Origin-Resource-Policy": _header("DSGW_CROSS_ORIGIN_RESOURCE_POLICY."),
+}
+
+# On every response of every path (gateway/app.py, EdgeMiddleware).
+ALWAYS = ("X-Request-Id", "X-Content-Type-Options", "Cross-Origin-Resource-Policy")
+
+
+def response(
+    description: str,
+    required: tuple[str, ...] = (),
+    optional: tuple[str, ...] = (),
+    content: Doc | None = None,
+) -> Doc:
+    headers = {
+        name: {"$ref": f"#/components/headers/{name}", "required": True} for name in (*ALWAYS, *required)
+    }
+    headers |= {name: {"$ref": f"#/components/headers/{name}"} for name in optional}
+    out: Doc = {"description": description, "headers": headers}
+    if content is not None:
+        out["content"] = content
+    return out
+
+
+PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+
+
+def problem(
+    description: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = (), *, body: bool = True
+) -> Doc:
+    """An error with an application/problem+json body (none on HEAD)."""
+    return response(description, required, optional, PROBLEM if body else None)
+
+
+def json_content(schema: Doc) -> Doc:
+    return {"application/json": {"schema": schema}}
+
+
+def stream_errors(*codes: int, body: bool = True) -> dict[str, Doc]:
+    """The error responses a stream operation may give, from one list."""
+    texts: dict[int, Doc] = {
+        400: problem("Bad request: an invalid header, offset, name or JSON body.", body=body),
+        401: problem(
+            "Auth is on and the bearer token is missing or invalid.", ("WWW-Authenticate",), body=body
+        ),
+        403: problem(
+            "The token does not grant this operation on this stream; or, on POST, a stale Producer-Epoch "
+            "(the response carries the current one).",
+            optional=("WWW-Authenticate", "Producer-Epoch"),
+            body=body,
+        ),
+        404: problem(
+            "No such stream (or it expired), a missing fork source, or the reserved `__ds` root.", body=body
+        ),
+        405: problem("A method stream URLs do not take.", ("Allow",), body=body),
+        409: problem(
+            "A conflict: PUT with other settings than the existing stream's, or on a soft-deleted one; "
+            "POST to a closed stream (with Stream-Closed and Stream-Next-Offset), with another content type, "
+            "a Stream-Seq not above the last, or a producer seq gap (with Producer-Expected-Seq and "
+            "Producer-Received-Seq).",
+            optional=(
+                "Stream-Closed",
+                "Stream-Next-Offset",
+                "Producer-Expected-Seq",
+                "Producer-Received-Seq",
+            ),
+            body=body,
+        ),
+        410: problem("The stream was deleted while forks of it live (soft-deleted).", body=body),
+        413: problem(
+            "Body over DSGW_MAX_BODY_BYTES or more than DSGW_MAX_APPEND_MESSAGES messages.", body=body
+        ),
+        429: problem("A rate limit of the credential (DSGW_RATE_*).", ("Retry-After",), body=body),
+        503: problem(
+            "Redis did not answer in time, or this replica has too many live readers.",
+            ("Retry-After",),
+            body=body,
+        ),
+    }
+    return {str(code): texts[code] for code in codes}
+
+
+def _param(name: str, where: str, description: str, schema: Doc | None = None, **extra: Any) -> Doc:
+    return {
+        "name": name,
+        "in": where,
+        "description": description,
+        "schema": schema or {"type": "string"},
+        **extra,
+    }
+
+
+NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": (
+        "The stream's name: 1 to 1024 bytes, no control characters, may contain `/` (sent as is or as "
+        "%2F). The root segment `__ds` is reserved."
+    ),
+    "schema": {"type": "string", "minLength": 1},
+    "examples": {"chat": {"value": "chat/room-1"}},
+}
+
+STREAM_BODY = {
+    "description": (
+        "Messages. A JSON stream (application/json) takes a JSON value per message; a top-level array is "
+        "flattened one level (one message per element). Any other content type takes bytes as they are."
+    ),
+    "content": {
+        "application/json": {"schema": {}},
+        "text/plain": {"schema": {"type": "string"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+BEARER: list[Doc] = [{}, {"bearer": []}]  # optional: required only when auth is on
+
+
+def stream_operations() -> Doc:
+    sse_or_data = {
+        "application/json": {"schema": {"type": "array", "description": "A JSON stream's messages."}},
+        "text/event-stream": {
+            "schema": {"type": "string"},
+            "description": "live=sse: `event: data` (a JSON array, text, or base64) and `event: control` "
+            "(JSON: streamNextOffset, streamCursor, upToDate, streamClosed) events.",
+        },
+        "*/*": {"schema": {}, "description": "Any other stream: its bytes, in its own content type."},
+    }
+    return {
+        "put": {
+            "operationId": "createStream",
+            "summary": "Create a stream, or fork one (Stream-Forked-From); idempotent with the same settings",
+            "security": BEARER,
+            "parameters": [
+                {"$ref": "#/components/parameters/name"},
+                _param(
+                    "Stream-TTL", "header", "Sliding time to live in seconds (0 or a whole number).", DIGITS
+                ),
+                _param("Stream-Expires-At", "header", "Fixed expiry, RFC 3339. Not with Stream-TTL."),
+                _param(
+                    "Stream-Closed", "header", "`true` creates the stream closed (the body is all it holds)."
+                ),
+                _param("Stream-Forked-From", "header", "Fork this stream (a path under /v1/stream/)."),
+                _param(
+                    "Stream-Fork-Offset",
+                    "header",
+                    "Inherit the source up to this offset (default: its tail).",
+                ),
+                _param(
+                    "Stream-Fork-Sub-Offset",
+                    "header",
+                    "Inherit this many more messages (JSON) or bytes of the source's next append.",
+                    DIGITS,
+                ),
+            ],
+            "requestBody": {**STREAM_BODY, "required": False},
+            "responses": {
+                "201": response("Created.", ("Stream-Next-Offset", "Location"), ("Stream-Closed",)),
+                "200": response(
+                    "It already exists with these settings.", ("Stream-Next-Offset",), ("Stream-Closed",)
+                ),
+                **stream_errors(400, 401, 403, 404, 409, 410, 413, 503),
+            },
+        },
+        "post": {
+            "operationId": "appendToStream",
+            "summary": "Append messages (and close with Stream-Closed: true; an empty body only closes)",
+            "security": BEARER,
+            "parameters": [
+                {"$ref": "#/components/parameters/name"},
+                _param(
+                    "Stream-Seq", "header", "Must be above the stream's last, byte-wise (writer ordering)."
+                ),
+                _param("Stream-Closed", "header", "`true` closes the stream (after this body, if any)."),
+                _param("Producer-Id", "header", "Idempotent producer: all three producer headers or none."),
+                _param("Producer-Epoch", "header", "The producer's epoch.", DIGITS),
+                _param("Producer-Seq", "header", "The producer's request number within its epoch.", DIGITS),
+            ],
+            "requestBody": {**STREAM_BODY, "required": False},
+            "responses": {
+                "200": response(
+                    "A producer's append was accepted.",
+                    ("Stream-Next-Offset", "Producer-Epoch", "Producer-Seq"),
+                    ("Stream-Closed",),
+                ),
+                "204": response(
+                    "Appended (or closed); with producer headers: a duplicate, nothing written.",
+                    ("Stream-Next-Offset",),
+                    ("Stream-Closed", "Producer-Epoch", "Producer-Seq"),
+                ),
+                **stream_errors(400, 401, 403, 404, 409, 410, 413, 429, 503),
+            },
+        },
+        "get": {
+            "operationId": "readStream",
+            "summary": "Read from an offset: catch-up, long-poll (live=long-poll) or SSE (live=sse)",
+            "security": BEARER,
+            "parameters": [
+                {"$ref": "#/components/parameters/name"},
+                _param(
+                    "offset",
+                    "query",
+                    "Read after this offset: `-1` (the start, also when absent), `now` (the tail), or an offset "
+                    "the gateway returned. Required with `live`.",
+                    examples={"start": {"value": "-1"}, "tail": {"value": "now"}},
+                ),
+                _param(
+                    "live",
+                    "query",
+                    "Wait for data: long-poll or sse.",
+                    {"type": "string", "enum": ["long-poll", "sse"]},
+                ),
+                _param("cursor", "query", "The last Stream-Cursor received (live reads)."),
+                _param(
+                    "If-None-Match",
+                    "header",
+                    "An ETag of an earlier read of the same range: 304 if unchanged.",
+                ),
+            ],
+            "responses": {
+                "200": response(
+                    "Data after the offset (a JSON stream's messages as one JSON array), or an SSE stream.",
+                    ("Cache-Control",),
+                    (
+                        "Stream-Next-Offset",
+                        "ETag",
+                        "Stream-Up-To-Date",
+                        "Stream-Closed",
+                        "Stream-Cursor",
+                        "Stream-SSE-Data-Encoding",
+                    ),
+                    sse_or_data,
+                ),
+                "204": response(
+                    "Long-poll: nothing arrived in time, or the stream is closed at this offset.",
+                    ("Stream-Next-Offset", "Stream-Up-To-Date", "Cache-Control"),
+                    ("Stream-Cursor", "Stream-Closed"),
+                ),
+                "304": response(
+                    "If-None-Match matched this read's ETag.",
+                    ("Stream-Next-Offset", "ETag", "Cache-Control"),
+                    ("Stream-Up-To-Date", "Stream-Closed", "Stream-Cursor"),
+                ),
+                **stream_errors(400, 401, 403, 404, 410, 429, 503),
+            },
+        },
+        "head": {
+            "operationId": "streamMetadata",
+            "summary": "The stream's metadata, without a body (does not renew its TTL)",
+            "security": BEARER,
+            "parameters": [{"$ref": "#/components/parameters/name"}],
+            "responses": {
+                "200": response(
+                    "The stream exists.",
+                    ("Stream-Next-Offset", "Cache-Control"),
+                    ("Stream-TTL", "Stream-Expires-At", "Stream-Closed"),
+                ),
+                **stream_errors(400, 401, 403, 404, 410, 503, body=False),
+            },
+        },
+        "delete": {
+            "operationId": "deleteStream",
+            "summary": "Delete the stream (soft-deleted while forks of it live)",
+            "security": BEARER,
+            "parameters": [{"$ref": "#/components/parameters/name"}],
+            "responses": {"204": response("Deleted."), **stream_errors(400, 401, 403, 404, 410, 503)},
+        },
+        "options": {
+            "operationId": "streamPreflight",
+            "summary": "CORS preflight (every path answers it the same way)",
+            "parameters": [{"$ref": "#/components/parameters/name"}],
+            "responses": {"204": response("The allowed methods and headers (Access-Control-Allow-*).")},
+        },
+    }
+
+
+def reserved_operations() -> Doc:
+    path = {"name": "path", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+    op = {
+        "summary": "Reserved for the protocol's own APIs (subscriptions); not implemented: always 404",
+        "parameters": [path],
+        "responses": {"404": problem("Reserved path.")},
+    }
+    return {
+        method: {**op, "operationId": f"reserved_{method}"} for method in ("get", "put", "post", "delete")
+    }
+
+
+def plain_get(operation_id: str, summary: str, responses: Doc) -> Doc:
+    return {"get": {"operationId": operation_id, "summary": summary, "responses": responses}}
+
+
+def console_paths() -> Doc:
+    name = {**NAME, "description": "The stream's name (may contain `/`)."}
+    limit = _param(
+        "limit",
+        "query",
+        "At most this many streams (1 to 10000, default 1000).",
+        {"type": "integer", "minimum": 1, "maximum": 10000},
+    )
+    page = {
+        "/console": ("consolePage", "The web console (HTML)", "text/html"),
+        "/console/console.js": ("consoleScript", "The console's script", "text/javascript"),
+        "/console/console.css": ("consoleStyle", "The console's style sheet", "text/css"),
+    }
+    paths: Doc = {
+        path: plain_get(
+            op, summary, {"200": response(summary + ".", content={ct: {"schema": {"type": "string"}}})}
+        )
+        for path, (op, summary, ct) in page.items()
+    }
+    paths["/console/api/streams"] = {
+        "get": {
+            "operationId": "consoleStreams",
+            "summary": "Streams with their size, producers and sink lag (those the token may read)",
+            "security": BEARER,
+            "parameters": [limit],
+            "responses": {
+                "200": response(
+                    "The streams, by name.",
+                    content=json_content(
+                        {
+                            "type": "object",
+                            "required": ["streams", "auth"],
+                            "properties": {
+                                "streams": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/StreamRow"},
+                                },
+                                "auth": {"type": "boolean", "description": "Whether auth is on."},
+                            },
+                        }
+                    ),
+                ),
+                "400": problem("Invalid limit."),
+                "401": problem(
+                    "Auth is on and the bearer token is missing or invalid.", ("WWW-Authenticate",)
+                ),
+                "503": problem("Redis did not answer.", ("Retry-After",)),
+            },
+        }
+    }
+    paths["/console/api/streams/{name}"] = {
+        "get": {
+            "operationId": "consoleStream",
+            "summary": "One stream: metadata, producers, forks, sink lag, Redis keys (what `dsgw info` shows)",
+            "security": BEARER,
+            "parameters": [name],
+            "responses": {
+                "200": response(
+                    "The stream.", content=json_content({"$ref": "#/components/schemas/StreamInfo"})
+                ),
+                "401": problem(
+                    "Auth is on and the bearer token is missing or invalid.", ("WWW-Authenticate",)
+                ),
+                "403": problem("The token does not grant read on this stream.", ("WWW-Authenticate",)),
+                "404": problem("No such stream."),
+                "503": problem("Redis did not answer.", ("Retry-After",)),
+            },
+        }
+    }
+    return paths
+
+
+SINK_LAG = {
+    "type": ["object", "null"],
+    "description": "The sink's backlog on the stream's shard (null: the stream is not synced to Postgres).",
+    "properties": {
+        "feed": {"type": "string"},
+        "group": {"type": ["string", "null"]},
+        "backlog": {"type": "integer"},
+        "oldest_age_ms": {"type": "integer"},
+    },
+}
+NULLABLE_STRING = {"type": ["string", "null"]}
+NULLABLE_INT = {"type": ["integer", "null"]}
+
+SCHEMAS: Doc = {
+    "Problem": {
+        "type": "object",
+        "description": "RFC 9457 problem details.",
+        "required": ["type", "status", "title"],
+        "properties": {
+            "type": {"type": "string"},
+            "status": {"type": "integer"},
+            "title": {"type": "string"},
+            "detail": {"type": "string"},
+        },
+    },
+    "Offset": {
+        "type": "string",
+        "description": "A position in a stream; fixed width, so string order is stream order.",
+        "pattern": "^[0-9]{16}_[0-9]{16}$",
+    },
+    "StreamRow": {
+        "type": "object",
+        "required": ["name", "content_type", "messages", "bytes", "closed", "producers", "sink"],
+        "properties": {
+            "name": {"type": "string"},
+            "content_type": {"type": "string"},
+            "messages": {"type": "integer", "description": "Redis entries of the stream's own data."},
+            "bytes": {"type": "integer"},
+            "closed": {"type": "boolean"},
+            "deleted": {"type": "boolean", "description": "Soft-deleted: kept for its forks."},
+            "ttl": NULLABLE_INT,
+            "expires_at": NULLABLE_STRING,
+            "forked_from": NULLABLE_STRING,
+            "producers": {"type": "integer", "description": "Idempotent producers whose state it keeps."},
+            "synced_to_postgres": {"type": "boolean"},
+            "sink": SINK_LAG,
+        },
+    },
+    "StreamInfo": {
+        "type": "object",
+        "required": [
+            "name",
+            "content_type",
+            "tail_offset",
+            "messages",
+            "bytes",
+            "closed",
+            "producers",
+            "sink",
+        ],
+        "properties": {
+            "name": {"type": "string"},
+            "content_type": {"type": "string"},
+            "tail_offset": {"$ref": "#/components/schemas/Offset"},
+            "messages": {"type": "integer"},
+            "bytes": {"type": "integer"},
+            "closed": {"type": "boolean"},
+            "deleted": {"type": "boolean"},
+            "ttl": NULLABLE_INT,
+            "expires_at": NULLABLE_STRING,
+            "created_ms": {"type": "integer"},
+            "forked_from": NULLABLE_STRING,
+            "fork_offset": NULLABLE_STRING,
+            "forks": {"type": "array", "items": {"type": "string"}},
+            "producers": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "epoch", "seq"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "epoch": {"type": "integer"},
+                        "seq": {"type": "integer"},
+                        "updated_ms": {"type": "integer"},
+                    },
+                },
+            },
+            "stream_seq": NULLABLE_STRING,
+            "synced_to_postgres": {"type": "boolean"},
+            "sink": SINK_LAG,
+            "keys": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+}
+
+DESCRIPTION = """\
+The Durable Streams protocol over HTTP, as ds-gateway serves it (prose: docs/http.md).
+Every response carries X-Request-Id, X-Content-Type-Options and Cross-Origin-Resource-Policy,
+plus CORS headers for allowed origins (DSGW_CORS_ORIGINS); OPTIONS on any path is a CORS
+preflight (204). With auth on (DSGW_AUTH_*), stream requests and the console's JSON endpoints need
+`Authorization: Bearer <token>` whose `ds` claim grants read (GET, HEAD), append (POST) or manage
+(PUT, DELETE) on the stream. Every GET outside /v1/stream/ also answers HEAD."""
+
+
+def build_document(settings: Settings) -> Doc:
+    """The document for a gateway with these settings (the console's paths only when it is on)."""
+    ok_json = {"application/json": {"schema": {"type": "object"}}}
+    paths: Doc = {
+        STREAM_PATH: stream_operations(),
+        RESERVED_PATH: reserved_operations(),
+        "/healthz": plain_get(
+            "healthz", "The process is alive", {"200": response("Alive.", content=ok_json)}
+        ),
+        "/readyz": plain_get(
+            "readyz",
+            "Redis answers and this replica's live subscription is up",
+            {"200": response("Ready.", content=ok_json), "503": response("Not ready.", content=ok_json)},
+        ),
+        "/metrics": plain_get(
+            "metrics",
+            "Prometheus metrics",
+            {
+                "200": response(
+                    "The metrics, in the Prometheus text format.",
+                    content={"text/plain": {"schema": {"type": "string"}}},
+                )
+            },
+        ),
+        OPENAPI_PATH: plain_get(
+            "openapi", "This document", {"200": response("OpenAPI 3.1.", content=ok_json)}
+        ),
+    }
+    if settings.console:
+        paths |= console_paths()
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "ds-gateway", "version": __version__, "description": DESCRIPTION},
+        "paths": paths,
+        "components": {
+            "parameters": {"name": NAME},
+            "headers": HEADERS,
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT or API key"}
+            },
+        },
+    }
+
+
+def openapi_routes(settings: Settings) -> list[BaseRoute]:
+    document = build_document(settings)
+
+    async def endpoint(request: Request) -> Response:
+        return JSONResponse(document)
+
+    return [Route(OPENAPI_PATH, endpoint, methods=["GET"])]
