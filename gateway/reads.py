@@ -351,14 +351,7 @@ class StreamReads:
             if result.count or result is first or closed:
                 # Data and its control go out as one write: a reader that
                 # stops at the first complete event still sees both.
-                chunk = (
-                    sse.data_event(result.body, json_mode=result.meta.json, binary=binary)
-                    if result.count
-                    else b""
-                )
-                yield chunk + sse.control_event(
-                    result.next_offset, cursor=cursor, up_to_date=result.up_to_date, closed=closed
-                )
+                yield _sse_event(result, binary, cursor, closed)
                 since_event = time.monotonic()
             if closed:
                 return
@@ -397,6 +390,24 @@ class StreamReads:
                 log.warning("SSE read failed: %s: %s", type(exc).__name__, exc)
                 yield sse.control_event(format_offset(after), cursor=cursor, up_to_date=False, closed=False)
                 return
+
+
+def _sse_event(result: ReadResult, binary: bool, cursor: str, closed: bool) -> bytes:
+    """A read's data event and its control event. Readers woken together share
+    one read (single flight): the event is framed once per read and cursor,
+    not once per reader."""
+    key = (binary, cursor, closed)
+    frames = result.frames
+    if frames is None:
+        frames = result.frames = {}
+    event = frames.get(key)
+    if event is None:
+        data = sse.data_event(result.body, json_mode=result.meta.json, binary=binary) if result.count else b""
+        control = sse.control_event(
+            result.next_offset, cursor=cursor, up_to_date=result.up_to_date, closed=closed
+        )
+        event = frames[key] = data + control
+    return event
 
 
 async def _watch_departure(receive: Receive, watch: Watch) -> None:

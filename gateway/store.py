@@ -54,6 +54,8 @@ class ReadResult:
     body: bytes
     count: int
     next_id: EntryId
+    # SSE events framed from this read, shared by the readers it woke (gateway/reads.py).
+    frames: dict[tuple[bool, str, bool], bytes] | None = None
 
     @property
     def up_to_date(self) -> bool:
