@@ -115,7 +115,7 @@ class Producer:
     producer_id: str
     url: str
     acked: list[int] = field(default_factory=list)  # seqs acknowledged (200 or 204), in order
-    acked_at: dict[int, float] = field(default_factory=dict)  # seq -> monotonic time of the ack
+    acked_at: dict[int, float] = field(default_factory=dict)  # seq -> time.time() of the ack
     appended: int = 0  # 200: appended now
     duplicates: int = 0  # 204: a retry of an append that had landed before
     retries: int = 0
@@ -142,7 +142,7 @@ class Producer:
             else:
                 if status in (200, 204):
                     self.acked.append(seq)
-                    self.acked_at[seq] = time.monotonic()
+                    self.acked_at[seq] = time.time()
                     if status == 200:
                         self.appended += 1
                     else:
@@ -252,7 +252,7 @@ class SseReader:
                             # Data counts once its control (and offset) came: a break
                             # in between replays it from the previous offset.
                             self.offset = json.loads(line[5:])["streamNextOffset"]
-                            now = time.monotonic()
+                            now = time.time()
                             self.received.extend(pending)
                             self.received_at.extend([now] * len(pending))
                             pending = []
