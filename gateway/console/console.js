@@ -157,16 +157,20 @@ async function loadInfo() {
       return [dt, dd];
     }),
   );
-  $("producers").tBodies[0].replaceChildren(
-    ...info.producers.map((p) => {
-      const tr = document.createElement("tr");
-      cell(tr, p.id);
-      cell(tr, String(p.epoch), "num");
-      cell(tr, String(p.seq), "num");
-      cell(tr, p.updated_ms ? new Date(p.updated_ms).toISOString() : "—");
-      return tr;
-    }),
-  );
+  const producers = info.producers.map((p) => {
+    const tr = document.createElement("tr");
+    cell(tr, p.id);
+    cell(tr, String(p.epoch), "num");
+    cell(tr, String(p.seq), "num");
+    cell(tr, p.updated_ms ? new Date(p.updated_ms).toISOString() : "—");
+    return tr;
+  });
+  if (!producers.length) {
+    const tr = document.createElement("tr");
+    cell(tr, "none (no idempotent producer has appended)").colSpan = 4;
+    producers.push(tr);
+  }
+  $("producers").tBodies[0].replaceChildren(...producers);
 }
 
 // --- live tail (SSE over fetch, so the Authorization header can go along) -----------
@@ -375,6 +379,8 @@ document.addEventListener("DOMContentLoaded", () => {
   showTokenState();
   loadStreams();
   setInterval(() => {
-    if (document.visibilityState === "visible") loadStreams();
+    if (document.visibilityState !== "visible") return;
+    loadStreams();
+    loadInfo();
   }, REFRESH_MS);
 });
