@@ -178,19 +178,15 @@ def serve(
 
 
 def _run_uvicorn(host: str, port: int, workers: int) -> None:
-    import uvicorn
+    from .serve import run_one, run_supervised
 
-    uvicorn.run(
-        "gateway.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        lifespan="on",
-    )
+    if workers > 1:
+        # One process per worker, each on its own SO_REUSEPORT socket (gateway/serve.py).
+        code = run_supervised(host, port, workers)
+        if code:
+            raise typer.Exit(code)
+        return
+    run_one(host, port)
 
 
 def _exit_zero_after_drain() -> None:
