@@ -19,10 +19,13 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     applied_now = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS dsgw_schema_migrations ("
-            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
+        # Only when missing: a least-privilege worker role (deploy/postgres-roles.sql)
+        # may not CREATE, even IF NOT EXISTS, and only checks nothing is pending.
+        if await conn.fetchval("SELECT to_regclass('dsgw_schema_migrations')") is None:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS dsgw_schema_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
         done = {r["name"] for r in await conn.fetch("SELECT name FROM dsgw_schema_migrations")}
         for path in sorted(SQL_DIR.glob("*.sql")):
             if path.name in done:

@@ -1,0 +1,248 @@
+"""The least-privilege credentials of deploy/redis-acl.example and
+deploy/postgres-roles.sql, used for real: a Redis started with that ACL file
+and a Postgres with those roles, a gateway and both workers each on its own
+user, doing everything they do (create, append, read live, fork, delete, rate
+limits, sink rows, source changes), and refused what they must not do."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+import httpx
+import pytest
+import redis
+
+from gateway.embedded import find_redis_server, free_port, start_postgres, stop_child, wait_for_port
+from tests.conftest import ROOT, reachable_tmp_dir, start_gateway, start_worker
+
+ACL_EXAMPLE = ROOT / "deploy" / "redis-acl.example"
+ROLES_SQL = ROOT / "deploy" / "postgres-roles.sql"
+JSON = {"content-type": "application/json"}
+USERS = ("gateway", "sink", "source", "admin")
+
+
+@dataclass
+class AclRedis:
+    port: int
+    passwords: dict[str, str]
+
+    def url(self, user: str) -> str:
+        return f"redis://dsgw-{user}:{self.passwords[user]}@127.0.0.1:{self.port}/0"
+
+
+@pytest.fixture(scope="module")
+def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclRedis]:
+    base = tmp_path_factory.mktemp("acl-redis")
+    passwords = {user: uuid.uuid4().hex for user in USERS}
+    text = ACL_EXAMPLE.read_text()
+    for user, password in passwords.items():
+        assert f">change-me-{user} " in text
+        text = text.replace(f">change-me-{user} ", f">{password} ")
+    (base / "users.acl").write_text(text)
+    port = free_port()
+    proc = subprocess.Popen(
+        [find_redis_server((6, 2)), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(base),
+         "--save", "", "--appendonly", "no", "--aclfile", str(base / "users.acl")],
+        stdout=open(base / "redis.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    wait_for_port(port, proc=proc)
+    server = AclRedis(port, passwords)
+    admin = redis.Redis.from_url(server.url("admin"))
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            admin.ping()
+            break
+        except redis.RedisError:
+            assert time.monotonic() < deadline, (base / "redis.log").read_text()
+            time.sleep(0.05)
+    yield server
+    stop_child(proc, timeout_s=10)
+
+
+@dataclass
+class RolesPostgres:
+    superuser_url: str
+    passwords: dict[str, str]
+
+    def url(self, role: str) -> str:
+        parts = urlsplit(self.superuser_url)
+        return f"postgresql://dsgw_{role}:{self.passwords[role]}@{parts.hostname}:{parts.port}{parts.path}"
+
+
+async def _apply_roles(pg: RolesPostgres, sql: str) -> None:
+    """What deploy/postgres-roles.sql says to do: roles, migrate as the owner, grants."""
+    from workers.migrate import migrate_url
+
+    admin = await asyncpg.connect(pg.superuser_url)
+    try:
+        await admin.execute(sql)
+        await migrate_url(pg.url("owner"))
+        await admin.execute(sql)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="module")
+def roles_postgres() -> Iterator[RolesPostgres]:
+    # Its own Postgres: a source worker takes every outbox row of its database.
+    base = reachable_tmp_dir("dsgw-test-roles-")
+    server = start_postgres(base / "pg", durable=False, log_file=base / "postgres.log")
+    passwords = {role: uuid.uuid4().hex for role in ("owner", "sink", "source")}
+    sql = ROLES_SQL.read_text()
+    for role, password in passwords.items():
+        assert f"'change-me-{role}'" in sql
+        sql = sql.replace(f"'change-me-{role}'", f"'{password}'")
+    pg = RolesPostgres(server.url, passwords)
+    asyncio.run(_apply_roles(pg, sql))
+    yield pg
+    server.stop()
+
+
+def _no_permission_errors(*logs: Path) -> None:
+    for log in logs:
+        text = log.read_text(errors="replace")
+        assert "NOPERM" not in text and "permission denied" not in text, text[-3000:]
+
+
+def test_gateway_and_workers_run_on_least_privilege_credentials(
+    acl_redis: AclRedis, roles_postgres: RolesPostgres, tmp_path: Path
+) -> None:
+    gw = start_gateway(
+        acl_redis.url("gateway"),
+        tmp_path,
+        DSGW_RATE_APPENDS_PER_S="1000",
+        DSGW_RATE_LIVE_CONNECTIONS="10",
+        DSGW_FORK_SWEEP_MS="200",
+    )
+    sink = start_worker("sink", acl_redis.url("sink"), roles_postgres.url("sink"), tmp_path,
+                        DSGW_SINK_BLOCK_MS="200")  # fmt: skip
+    source = start_worker("source", acl_redis.url("source"), roles_postgres.url("source"), tmp_path)
+    try:
+        name = f"acl/{uuid.uuid4().hex[:8]}"
+        url = gw.stream_url(name)
+        with httpx.Client(timeout=20) as http:
+            # Every kind of gateway request.
+            assert http.put(url, headers=JSON).status_code == 201
+            assert (
+                http.post(url, content=b'{"type":"m","key":"k1","value":1}', headers=JSON).status_code == 204
+            )
+            assert http.get(url, params={"offset": "-1"}).json() == [{"type": "m", "key": "k1", "value": 1}]
+            assert http.head(url).status_code == 200
+            assert http.get(url, params={"offset": "-1", "live": "long-poll"}).status_code == 200
+            with http.stream("GET", url, params={"offset": "-1", "live": "sse"}) as r:
+                assert r.status_code == 200
+                assert any(line.startswith("event: control") for line in r.iter_lines())
+            fork = gw.stream_url(f"{name}-fork")
+            assert http.put(fork, headers={"stream-forked-from": f"/v1/stream/{name}"}).status_code == 201
+            assert http.delete(fork).status_code == 204
+
+            # Sink: the message became a row, written as dsgw_sink.
+            async def rows() -> int:
+                conn = await asyncpg.connect(roles_postgres.superuser_url)
+                try:
+                    return int(
+                        await conn.fetchval(
+                            "SELECT count(*) FROM session_events WHERE stream_name = $1", name
+                        )
+                    )
+                finally:
+                    await conn.close()
+
+            deadline = time.monotonic() + 30
+            while asyncio.run(rows()) != 1:
+                assert time.monotonic() < deadline, sink.log_path.read_text()[-3000:]
+                time.sleep(0.2)
+
+            # Source: a table published by the owner, written by an application
+            # role that only has dsgw_capture, reaches its stream.
+            table = "acl_" + uuid.uuid4().hex[:8]
+            published = f"pg/{table}"
+            asyncio.run(_make_app_table(roles_postgres, table))
+            done = subprocess.run(
+                [sys.executable, "-m", "gateway.cli", "publish", table, "--stream", published],
+                cwd=ROOT,
+                env={
+                    **os.environ,
+                    "DATABASE_URL": roles_postgres.url("owner"),
+                    "REDIS_URL": acl_redis.url("admin"),
+                },
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            asyncio.run(_app_insert(roles_postgres, table))
+            deadline = time.monotonic() + 30
+            while True:
+                got = http.get(gw.stream_url(published), params={"offset": "-1"})
+                if got.status_code == 200 and got.json():
+                    break
+                assert time.monotonic() < deadline, source.log_path.read_text()[-3000:]
+                time.sleep(0.2)
+            assert got.json()[0]["value"] == {"id": 1, "title": "from the app"}
+            assert http.delete(url).status_code == 204
+    finally:
+        gw.stop()
+        sink.stop()
+        source.stop()
+    _no_permission_errors(gw.log_path, sink.log_path, source.log_path)
+
+
+async def _make_app_table(pg: RolesPostgres, table: str) -> None:
+    owner = await asyncpg.connect(pg.url("owner"))
+    try:
+        await owner.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, title text)")
+    finally:
+        await owner.close()
+    admin = await asyncpg.connect(pg.superuser_url)
+    try:
+        app = f"app_{table}"
+        await admin.execute(f"CREATE ROLE {app} LOGIN PASSWORD 'app' IN ROLE dsgw_capture")
+        await admin.execute(f"GRANT INSERT ON {table} TO {app}")
+    finally:
+        await admin.close()
+
+
+async def _app_insert(pg: RolesPostgres, table: str) -> None:
+    parts = urlsplit(pg.superuser_url)
+    app = await asyncpg.connect(f"postgresql://app_{table}:app@{parts.hostname}:{parts.port}{parts.path}")
+    try:
+        await app.execute(f"INSERT INTO {table} (id, title) VALUES (1, 'from the app')")
+    finally:
+        await app.close()
+
+
+def test_each_redis_user_is_refused_what_it_does_not_need(acl_redis: AclRedis) -> None:
+    def refused(user: str, *command: str) -> bool:
+        client = redis.Redis.from_url(acl_redis.url(user))
+        try:
+            client.execute_command(*command)
+        except redis.exceptions.NoPermissionError:
+            return True
+        finally:
+            client.close()
+        return False
+
+    assert refused("gateway", "FLUSHALL")
+    assert refused("gateway", "CONFIG", "GET", "dir")
+    assert refused("gateway", "GET", "someone-elses-key")
+    assert refused("gateway", "KEYS", "*")
+    assert refused("sink", "HGETALL", "ds:{s00}:x:meta")  # streams are not the sink's business
+    assert refused("sink", "PUBLISH", "ds:x", "y")
+    assert refused("sink", "SUBSCRIBE", "ds:x")
+    assert refused("source", "GET", "dsrl:{abc}:appends")
+    assert refused("admin", "FLUSHALL")
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(port=acl_redis.port).ping()  # no anonymous access
