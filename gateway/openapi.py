@@ -224,7 +224,7 @@ def stream_operations() -> Doc:
                 "200": response(
                     "It already exists with these settings.", ("Stream-Next-Offset",), ("Stream-Closed",)
                 ),
-                **stream_errors(400, 401, 403, 404, 409, 410, 413, 503),
+                **stream_errors(400, 401, 403, 404, 409, 413, 503),
             },
         },
         "post": {
