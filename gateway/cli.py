@@ -245,6 +245,10 @@ def _print_dev_summary(state: Any, data_dir: Path, state_path: Path) -> None:
     typer.echo(
         f"try:      curl -i -X PUT -H 'content-type: application/json' {state.base_url}/v1/stream/hello"
     )
+    if os.environ.get("DSGW_AUTH_JWT_SECRET"):
+        typer.echo("auth:     on; a token: dsgw token --read '**' --append '**' --manage '**' --ttl 1h")
+    else:
+        typer.echo("auth:     off; turn on: DSGW_AUTH_JWT_SECRET=$(openssl rand -hex 32) make run")
 
 
 worker_app = typer.Typer(help="Postgres sync workers.", no_args_is_help=True)

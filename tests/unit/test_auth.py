@@ -298,3 +298,21 @@ def test_dsgw_token_api_key(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
 )
 def test_parse_duration(text: str, seconds: int) -> None:
     assert auth.parse_duration(text) == seconds
+
+
+def test_make_run_summary_says_how_to_turn_auth_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from gateway.cli import _print_dev_summary
+
+    state = SimpleNamespace(
+        base_url="http://h:1", redis_url="redis://h:2/0", database_url="", worker_metrics={}
+    )
+    monkeypatch.delenv("DSGW_AUTH_JWT_SECRET", raising=False)
+    _print_dev_summary(state, tmp_path, tmp_path / "dev.json")
+    assert "auth:     off; turn on: DSGW_AUTH_JWT_SECRET=" in capsys.readouterr().out
+    monkeypatch.setenv("DSGW_AUTH_JWT_SECRET", SECRET)
+    _print_dev_summary(state, tmp_path, tmp_path / "dev.json")
+    assert "auth:     on; a token: dsgw token" in capsys.readouterr().out
