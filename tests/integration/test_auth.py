@@ -9,6 +9,9 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -431,3 +434,49 @@ def test_hs256_token_cannot_be_verified_with_a_public_key_as_secret(
     signed = head + b"." + b64(json.dumps(claims).encode())
     forged = (signed + b"." + b64(hmac.new(secret, signed, hashlib.sha256).digest())).decode()
     assert httpx.head(auth_gateway.stream_url("x"), headers=bearer(forged)).status_code == 401
+
+
+# --- README's worked example ------------------------------------------------------------
+
+
+def dsgw_token(*args: str) -> str:
+    env = {
+        **os.environ,
+        "DSGW_AUTH_JWT_SECRET": SECRET,
+        "DSGW_AUTH_ISSUER": ISSUER,
+        "DSGW_AUTH_AUDIENCE": AUDIENCE,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "token", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_readme_ai_chat_example(auth_gateway: GatewayProcess, http: httpx.Client) -> None:
+    """README, Authentication, 'Worked example: an AI chat', with `dsgw token`."""
+    run = uuid.uuid4().hex[:6]
+    mine, other = f"chat{run}/session-42", f"chat{run}/session-43"
+    backend = bearer(dsgw_token("--manage", f"chat{run}/*", "--sub", "backend", "--ttl", "5m"))
+    alice = bearer(dsgw_token("--read", mine, "--append", mine, "--sub", "user-7", "--ttl", "1h"))
+    assistant = bearer(dsgw_token("--read", f"chat{run}/*", "--append", f"chat{run}/*", "--sub", "assistant"))
+    s = auth_gateway.stream_url
+    for name in (mine, other):
+        assert http.put(s(name), headers={**backend, **JSON}).status_code == 201
+    user_msg = b'{"type":"message","key":"m1","value":{"from":"user","text":"hi"}}'
+    bot_msg = b'{"type":"message","key":"m2","value":{"from":"assistant","text":"hello!"}}'
+    assert http.post(s(mine), content=user_msg, headers={**alice, **JSON}).status_code == 204
+    assert http.post(s(mine), content=bot_msg, headers={**assistant, **JSON}).status_code == 204
+    assert http.post(s(other), content=bot_msg, headers={**assistant, **JSON}).status_code == 204
+    with http.stream("GET", s(mine), params={"offset": "-1", "live": "sse"}, headers=alice) as r:
+        assert r.status_code == 200
+    assert len(http.get(s(mine), params={"offset": "-1"}, headers=alice).json()) == 2
+    assert http.get(s(other), params={"offset": "-1"}, headers=alice).status_code == 403
+    assert http.post(s(other), content=user_msg, headers={**alice, **JSON}).status_code == 403
+    assert http.delete(s(mine), headers=alice).status_code == 403
+    assert http.delete(s(mine), headers=assistant).status_code == 403
+    assert http.delete(s(mine), headers=backend).status_code == 204

@@ -316,3 +316,18 @@ def test_make_run_summary_says_how_to_turn_auth_on(
     monkeypatch.setenv("DSGW_AUTH_JWT_SECRET", SECRET)
     _print_dev_summary(state, tmp_path, tmp_path / "dev.json")
     assert "auth:     on; a token: dsgw token" in capsys.readouterr().out
+
+
+def test_check_config_never_prints_the_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import asyncio
+
+    from gateway.cli import masked
+    from gateway.configcheck import check
+
+    monkeypatch.setenv("DSGW_AUTH_JWT_SECRET", SECRET)
+    monkeypatch.setenv("DSGW_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    report = asyncio.run(check(masked))
+    assert report["settings"]["gateway"]["auth_jwt_secret"] == "***"
+    assert SECRET not in json.dumps(report, default=str)
