@@ -151,7 +151,7 @@ def next_append_size(changes: list[Change], max_messages: int, max_bytes: int) -
     """How many of `changes` (from the first) go in one append: at least one,
     at most `max_messages`, and no more than `max_bytes` unless the first
     message alone is bigger."""
-    size = 0
+    size, max_messages = 0, max(1, max_messages)
     for i, (_, message) in enumerate(changes[:max_messages]):
         size += len(message)
         if size > max_bytes and i > 0:
