@@ -78,7 +78,12 @@ def exchange(port: int, raw: bytes, *, head: bool) -> Answer | None:
                 break
         if head or status in (204, 304):
             return Answer(status, headers, b"")
-        sse = headers.get("content-type", "").startswith("text/event-stream")
+        # A live SSE read streams; anything else (a text/event-stream stream's
+        # catch-up read or creation) has a Content-Length.
+        sse = (
+            headers.get("content-type", "").startswith("text/event-stream")
+            and "content-length" not in headers
+        )
         if sse:
             reader.deadline = min(deadline, time.monotonic() + SSE_FIRST_EVENT_S)
         if headers.get("transfer-encoding", "").lower() == "chunked":
@@ -173,18 +178,24 @@ class Request:
     target: Callable[[Harness], tuple[bytes, str | None]]  # raw path+query, the stream name if known
     headers: list[tuple[bytes, Callable[[Harness], bytes]]]
     body: bytes
-    chunked: bool
+    framing: bytes  # b"length", b"chunked", b"HTTP/1.0", b"no host", or an odd Content-Length sent alone
 
     def render(self, harness: Harness) -> tuple[bytes, str | None]:
         path, name = self.target(harness)
-        lines = [self.method + b" " + path + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close"]
+        version = b"HTTP/1.0" if self.framing == b"HTTP/1.0" else b"HTTP/1.1"
+        lines = [self.method + b" " + path + b" " + version, b"Connection: close"]
+        if self.framing != b"no host":
+            lines.append(b"Host: 127.0.0.1")
         lines += [header + b": " + value(harness) for header, value in self.headers]
-        if self.chunked:
+        body = self.body
+        if self.framing == b"chunked":
             lines.append(b"Transfer-Encoding: chunked")
-            body = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in _parts(self.body)) + b"0\r\n\r\n"
-        else:
-            lines.append(b"Content-Length: %d" % len(self.body))
-            body = self.body
+            body = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in _parts(body)) + b"0\r\n\r\n"
+        elif self.framing in (b"length", b"HTTP/1.0", b"no host"):
+            lines.append(b"Content-Length: %d" % len(body))
+        else:  # no body: the value claims none, or one too large to wait for
+            lines.append(b"Content-Length: " + self.framing)
+            body = b""
         return b"\r\n".join(lines) + b"\r\n\r\n" + body, name
 
 
@@ -299,8 +310,9 @@ def _param(key: bytes, value: Callable[[Harness], bytes]) -> Callable[[Harness],
 
 
 HUGE = b"9" * 5000
-numbers = st.sampled_from([b"0", b"1", b"7", b"60", b"9007199254740991", b"9007199254740992", b"-1", b"01",
-                           b"1.5", b"1e3", b"+1", b"", b" 5", b"abc", HUGE, b"0" * 5000 + b"1", b"\xb2"])  # fmt: skip
+numbers = st.sampled_from([b"0", b"0", b"1", b"7", b"60", b"9007199254740991", b"9007199254740992", b"-1",
+                           b"01", b"1.5", b"1e3", b"+1", b"", b" 5", b"abc", HUGE, HUGE, b"0" * 5000 + b"1",
+                           b"1" + b"0" * 20, b"\xb2"])  # fmt: skip
 content_types = st.sampled_from(
     [b"application/json", b"application/json", b"text/plain", b"application/octet-stream",
      b"APPLICATION/JSON; charset=utf-8", b"application/x-ndjson", b"application/problem+json", b"text/event-stream",
@@ -336,8 +348,8 @@ def header_values(name: bytes) -> st.SearchStrategy[Callable[[Harness], bytes]]:
         return offsets()
     if name == b"if-none-match":
         return st.sampled_from([b"*", b'"x"', b'"1:-1:' + ZERO.encode() + b'"', b"", b'W/"a"']).map(fixed)
-    if name == b"content-length":  # sent on top of ours: a second, odd Content-Length
-        return st.sampled_from([b"\xb2", b"-1", b"+0", b"0x0", b"1e3", b"0, 0", HUGE]).map(fixed)
+    if name == b"expect":
+        return st.sampled_from([b"100-continue", b"bogus"]).map(fixed)
     # Producer-Id, Stream-Seq and anything else: short text, long text, odd bytes.
     return st.one_of(
         st.text(max_size=12).map(lambda t: t.encode("utf-8")),
@@ -347,19 +359,29 @@ def header_values(name: bytes) -> st.SearchStrategy[Callable[[Harness], bytes]]:
 
 HEADER_NAMES = [b"content-type", b"stream-ttl", b"stream-expires-at", b"stream-closed", b"stream-seq",
                 b"stream-forked-from", b"stream-fork-offset", b"stream-fork-sub-offset", b"producer-id",
-                b"producer-epoch", b"producer-seq", b"if-none-match", b"content-length", b"Origin",
+                b"producer-epoch", b"producer-seq", b"if-none-match", b"expect", b"Origin",
                 b"X-Unknown"]  # fmt: skip
 
 
+# The headers each method reads, so that most requests exercise them.
+METHOD_HEADERS = {
+    b"PUT": [b"content-type", b"stream-ttl", b"stream-expires-at", b"stream-closed", b"stream-forked-from",
+             b"stream-fork-offset", b"stream-fork-sub-offset"],
+    b"POST": [b"content-type", b"stream-closed", b"stream-seq", b"producer-id", b"producer-epoch", b"producer-seq"],
+    b"GET": [b"if-none-match"],
+}  # fmt: skip
+
+
 @st.composite
-def header_sets(draw: st.DrawFn) -> list[tuple[bytes, Callable[[Harness], bytes]]]:
-    names = draw(st.lists(st.sampled_from(HEADER_NAMES), max_size=6))
+def header_sets(draw: st.DrawFn, method: bytes) -> list[tuple[bytes, Callable[[Harness], bytes]]]:
+    names = [name for name in METHOD_HEADERS.get(method, []) if draw(st.integers(0, 2)) == 0]
+    names += draw(st.lists(st.sampled_from(HEADER_NAMES), max_size=3))
     if draw(st.integers(0, 3)) == 0:  # a complete producer triple, the usual valid case
         names += [b"producer-id", b"producer-epoch", b"producer-seq"]
     if b"content-type" not in names and draw(st.integers(0, 2)) > 0:
         names.append(b"content-type")
     # A repeated header comes through too: the gateway takes the first.
-    return [(name, draw(header_values(name))) for name in names]
+    return [(name, draw(header_values(name))) for name in draw(st.permutations(names))]
 
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10)
@@ -397,14 +419,19 @@ def bodies(draw: st.DrawFn) -> bytes:
     )  # fmt: skip
 
 
-requests_ = st.builds(
-    Request,
-    method=methods,
-    target=targets(),
-    headers=header_sets(),
-    body=bodies(),
-    chunked=st.integers(0, 7).map(lambda n: n == 0),
+framings = st.sampled_from(
+    [b"length"] * 12
+    + [b"chunked"] * 3
+    + [b"HTTP/1.0", b"no host"]
+    # Content-Lengths that announce no body, or one past DSGW_MAX_BODY_BYTES: no wait either way.
+    + [b"\xb2", b"-1", b"+0", b"00", b"0x0", b"1e3", b"0, 0", b" 0", b"99999999999", HUGE]
 )
+
+
+@st.composite
+def requests_(draw: st.DrawFn) -> Request:
+    method = draw(methods)
+    return Request(method, draw(targets()), draw(header_sets(method)), draw(bodies()), draw(framings))
 
 
 # --- the harness: pre-made streams and the properties ---------------------------------
@@ -501,7 +528,7 @@ def harness(gateway: GatewayProcess):
 def test_fuzzed_requests_never_5xx_hang_or_change_state_when_rejected(harness: Harness):
     # Warm up (imports, compiled patterns, connection pools) before the memory baseline.
     for _ in range(20):
-        harness.check(Request(b"GET", lambda h: _named(h.names["json"], b"?offset=-1"), [], b"", False))
+        harness.check(Request(b"GET", lambda h: _named(h.names["json"], b"?offset=-1"), [], b"", b"length"))
     rss_before = rss_mb(harness.gw.proc.pid)
 
     @settings(
@@ -511,7 +538,7 @@ def test_fuzzed_requests_never_5xx_hang_or_change_state_when_rejected(harness: H
         database=None,
         suppress_health_check=list(HealthCheck),
     )
-    @given(requests_)
+    @given(requests_())
     def fuzz(request: Request) -> None:
         harness.check(request)
 
@@ -522,3 +549,30 @@ def test_fuzzed_requests_never_5xx_hang_or_change_state_when_rejected(harness: H
     # The run covered both sides of the protocol, not only refusals.
     assert sum(n for s, n in harness.statuses.items() if s < 300) > EXAMPLES // 10, harness.statuses
     assert sum(n for s, n in harness.statuses.items() if 400 <= s < 500) > EXAMPLES // 10, harness.statuses
+
+
+# --- the fuzzer's findings, pinned ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [
+        ("PUT", {"stream-ttl": HUGE.decode()}),
+        ("PUT", {"stream-forked-from": "/v1/stream/x", "stream-fork-sub-offset": HUGE.decode()}),
+        ("POST", {"producer-id": "p", "producer-epoch": HUGE.decode(), "producer-seq": "0"}),
+        ("POST", {"producer-id": "p", "producer-epoch": "0", "producer-seq": HUGE.decode()}),
+    ],
+)
+def test_numeric_headers_with_thousands_of_digits_are_400(gateway, http, unique, method, headers):
+    url = gateway.stream_url(unique)
+    if method == "POST":
+        assert http.put(url, headers={"content-type": "application/json"}).status_code == 201
+    answer = http.request(method, url, headers={"content-type": "application/json", **headers}, content=b"{}")
+    assert answer.status_code == 400, answer.text
+
+
+def test_offsets_and_cursors_with_thousands_of_digits_are_refused_or_ignored(gateway, http, unique):
+    url = gateway.stream_url(unique)
+    assert http.put(url, headers={"content-type": "application/json"}, content=b"[1]").status_code == 201
+    assert http.get(url, params={"offset": HUGE.decode() + "_0"}).status_code == 400
+    assert http.get(url, params={"offset": "-1", "cursor": HUGE.decode()}).status_code == 200
