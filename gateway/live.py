@@ -63,6 +63,18 @@ class Watch:
         self._waiter: asyncio.Future[None] | None = None
         self.interrupted = False
 
+    async def subscribed(self) -> None:
+        """Wait until Redis confirmed the channel's subscription: a read made
+        after this misses no notification. Bounded (1 s): the recheck interval
+        covers a lost one anyway. Readers send what they already have first
+        and call this before the read that must not miss anything."""
+        if not self._channel.confirmed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._channel.confirmed.wait(), 1.0)
+        # The caller reads next: that read covers every notification so far
+        # (the confirmation's own wake-up included).
+        self._seen = self._channel.version
+
     def interrupt(self) -> None:
         self.interrupted = True
         if self._waiter is not None:
@@ -152,11 +164,6 @@ class LiveHub:
             await self._subscribe(name)
         else:
             channel.readers += 1
-        if not channel.confirmed.is_set():
-            # Until Redis confirms the subscription a notification could slip by;
-            # a bounded wait, since the recheck interval covers a lost one anyway.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(channel.confirmed.wait(), 1.0)
         try:
             yield Watch(channel, self._recheck_s)
         finally:

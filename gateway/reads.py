@@ -208,6 +208,7 @@ class StreamReads:
             async with self.gw.hub.watch(stream_keys(name).channel) as watch:
                 departure = asyncio.ensure_future(_watch_departure(request.receive, watch))
                 try:
+                    await watch.subscribed()
                     while True:
                         # Re-read once the watch is in place: an append between the
                         # first read and the watch would otherwise go unnoticed.
@@ -363,8 +364,10 @@ class StreamReads:
                 return
             if result.up_to_date and not watching_since_first_read:
                 # The first read came before the watch: read once more now
-                # that no notification can slip by.
+                # that no notification can slip by (the first event is out
+                # already, so a new subscription does not delay it).
                 watching_since_first_read = True
+                await watch.subscribed()
             elif result.up_to_date:
                 now = time.monotonic()
                 if now >= lifetime_end or self.gw.draining or watch.interrupted:

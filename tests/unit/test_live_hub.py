@@ -27,6 +27,8 @@ async def hub():
 async def test_a_publish_wakes_every_local_reader_of_that_channel_only(hub):
     hub, redis = hub
     async with hub.watch("ch:a") as w1, hub.watch("ch:a") as w2, hub.watch("ch:b") as other:
+        for w in (w1, w2, other):
+            await w.subscribed()
         waits = [asyncio.create_task(w.wait(5)) for w in (w1, w2, other)]
         await asyncio.sleep(0.05)
         await redis.publish("ch:a", "1-0")
@@ -39,6 +41,7 @@ async def test_a_publish_wakes_every_local_reader_of_that_channel_only(hub):
 async def test_a_notification_between_read_and_wait_is_not_lost(hub):
     hub, redis = hub
     async with hub.watch("ch:race") as watch:
+        await watch.subscribed()
         # The reader has its watch, reads (nothing), and before it waits an
         # append is published: the wait must return at once.
         await redis.publish("ch:race", "1-0")
@@ -49,5 +52,6 @@ async def test_a_notification_between_read_and_wait_is_not_lost(hub):
 async def test_wait_times_out_without_notification(hub):
     hub, _ = hub
     async with hub.watch("ch:quiet") as watch:
+        await watch.subscribed()
         assert await watch.wait(0.05) is False
     assert hub.reader_count == 0
