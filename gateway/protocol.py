@@ -158,9 +158,9 @@ def parse_producer(
 #
 # A JSON body is validated without building it: an 8 MiB body of tiny objects
 # would take ~200 MB as Python objects. Small bodies, the hot path of every
-# append, go through orjson in one C call (the value it builds is small). Large
-# bodies, and the valid texts orjson refuses (`1e400`, `"\ud800"`), go through a
-# scanner: compiled regexes validate whole values of up to _REGEX_DEPTH levels
+# append, go through orjson in one C call. Large bodies (orjson needs about ten
+# times a body's size, whatever its shape), and the valid texts orjson refuses
+# (`1e400`, `"\ud800"`), go through a scanner: compiled regexes validate whole values of up to _REGEX_DEPTH levels
 # in C, and a loop with an explicit stack (no recursion) walks deeper nesting.
 # Either way a message's text is kept exactly as sent: numbers keep every digit.
 
@@ -169,8 +169,8 @@ MAX_JSON_DEPTH = 512
 that every later reader of the text can parse it: Python's json in the sink
 (recursion limit 1000), orjson (1024), Postgres jsonb, browsers."""
 
-# orjson builds the value: about 6 MB for 256 KiB of tiny objects, and the
-# split runs without awaiting, so one body at a time per process.
+# orjson takes a few MB for 256 KiB, and the split runs without awaiting, so
+# one body at a time per process.
 _ORJSON_MAX_BYTES = 256 * 1024
 # Nesting that one regex match validates; each level doubles the pattern (and
 # the time to compile it at import).
@@ -228,7 +228,7 @@ def split_json_messages(body: bytes, *, allow_empty: bool, max_messages: int = 0
     digit. More than `max_messages` (when set) is a 413, found without reading
     the rest of a large body.
     """
-    messages = _split_small(body, max_messages) if len(body) <= _ORJSON_MAX_BYTES else None
+    messages = _split_with_orjson(body, max_messages) if len(body) <= _ORJSON_MAX_BYTES else None
     if messages is None:
         try:
             text = body.decode("utf-8")
@@ -247,21 +247,29 @@ def _too_many(max_messages: int) -> ProblemError:
     return ProblemError(413, "Too many messages", f"at most {max_messages} per append")
 
 
-def _split_small(body: bytes, max_messages: int) -> list[str] | None:
-    """The fast path: the messages if orjson finds the body valid, else None
-    (invalid, or one of the valid texts orjson refuses: the scanner decides)."""
+def _split_with_orjson(body: bytes, max_messages: int) -> list[str] | None:
+    """The messages if orjson finds the body valid, else None (invalid, or one
+    of the valid texts orjson refuses: the scanner decides)."""
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
     if len(body) > 2 * MAX_JSON_DEPTH and not _nests_at_most(body, MAX_JSON_DEPTH):
         return None  # orjson takes 1024 levels: let the scanner refuse it
-    text = body.decode()  # orjson checked that it is UTF-8
     if type(value) is not list:
-        return [text.strip(_WHITESPACE)]
+        return [body.decode().strip(_WHITESPACE)]  # orjson checked that it is UTF-8
     if max_messages and len(value) > max_messages:
         raise _too_many(max_messages)
-    return _valid_array_elements(text) if value else []
+    if not value:
+        return []
+    try:
+        # Compact JSON as orjson writes it (what JSON.stringify sends, mostly):
+        # then each element's text is exactly its serialisation.
+        if orjson.dumps(value) == body:
+            return [orjson.dumps(element).decode() for element in value]
+    except orjson.JSONEncodeError:
+        pass  # nested deeper than orjson writes
+    return _valid_array_elements(body.decode())
 
 
 _VALID_STRING_RE = re.compile(_VALID_STRING.encode(), re.DOTALL)
