@@ -169,8 +169,8 @@ MAX_JSON_DEPTH = 512
 that every later reader of the text can parse it: Python's json in the sink
 (recursion limit 1000), orjson (1024), Postgres jsonb, browsers."""
 
-# orjson takes a few MB for 256 KiB, and the split runs without awaiting, so
-# one body at a time per process.
+# orjson takes up to ~12 times a body's size (10 MB for 256 KiB of tiny
+# objects); the split runs without awaiting, so one body at a time per process.
 _ORJSON_MAX_BYTES = 256 * 1024
 # Nesting that one regex match validates; each level doubles the pattern (and
 # the time to compile it at import).
