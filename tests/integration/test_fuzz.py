@@ -576,3 +576,21 @@ def test_offsets_and_cursors_with_thousands_of_digits_are_refused_or_ignored(gat
     assert http.put(url, headers={"content-type": "application/json"}, content=b"[1]").status_code == 201
     assert http.get(url, params={"offset": HUGE.decode() + "_0"}).status_code == 400
     assert http.get(url, params={"offset": "-1", "cursor": HUGE.decode()}).status_code == 200
+
+
+def test_huge_numbers_and_lone_surrogate_escapes_are_appended_and_read_back_as_sent(gateway, http, unique):
+    url = gateway.stream_url(unique)
+    assert http.put(url, headers={"content-type": "application/json"}).status_code == 201
+    body = b'[{"n":' + HUGE + b'}, 1e400, -0.5E-400, "\\ud800"]'
+    assert http.post(url, headers={"content-type": "application/json"}, content=body).status_code == 204
+    assert http.get(url, params={"offset": "-1"}).content == b"[" + body[1:-1].replace(b", ", b",") + b"]"
+
+
+def test_an_8_mib_body_of_tiny_objects_costs_the_gateway_little_memory(gateway, http, unique):
+    url = gateway.stream_url(unique)
+    assert http.put(url, headers={"content-type": "application/json"}).status_code == 201
+    body = b'{"a":[' + b"{}," * (8 * 1024 * 1024 // 3 - 10) + b"{}]}"
+    before = rss_mb(gateway.proc.pid)
+    assert http.post(url, headers={"content-type": "application/json"}, content=body).status_code == 204
+    # Python's json built ~200 MB of objects for this; the body itself is 8 MiB.
+    assert rss_mb(gateway.proc.pid) - before < RSS_GROWTH_MB
