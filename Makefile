@@ -68,6 +68,9 @@ stack-down: ## Stop exactly what `make stack` started
 e2e: install ## Through the load balancer on a 3-master cluster: conformance, cross-replica delivery, kills, drains, sync scenarios
 	$(PY) -m pytest e2e -p no:cacheprovider
 
+chaos: install ## The fault suite, one local stack per scenario, exact counts printed (~10 min; docs/chaos.md)
+	$(PY) -m pytest e2e/chaos -o python_files='chaos_*.py' -p no:cacheprovider -s -v $(CHAOS_ARGS)
+
 bench: install ## ds-gateway vs the reference server, same run, same load generator (~5 min; docs/performance.md)
 	$(PY) -m e2e.bench_compare $(BENCH_ARGS)
 
@@ -95,4 +98,4 @@ format: $(STAMP) ## Apply ruff's formatting and safe fixes
 clean: ## Remove the virtualenv, node_modules and caches (keeps ./data)
 	rm -rf $(VENV) e2e/node_modules e2e/bench/node_modules .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install image run serve test test-unit test-integration fuzz conformance stack stack-down e2e bench bench-sync bench-replicas lint format clean
+.PHONY: help install image run serve test test-unit test-integration fuzz conformance stack stack-down e2e chaos bench bench-sync bench-replicas lint format clean
