@@ -256,12 +256,14 @@ odd_names = st.one_of(
 
 @st.composite
 def targets(draw: st.DrawFn) -> Callable[[Harness], tuple[bytes, str | None]]:
-    kind = draw(st.sampled_from(["premade"] * 5 + ["fresh"] * 3 + ["odd"] * 2 + ["other"]))
+    kind = draw(st.sampled_from(["premade"] * 5 + ["fresh"] * 3 + ["odd"] * 2 + ["other"] * 2))
     query = draw(queries())
     if kind == "other":
         path = draw(
             st.sampled_from([b"/", b"/v1/stream", b"/v1/stream/", b"/v1", b"/healthz", b"/readyz", b"/metrics",
-                             b"/v1/streams/x", b"//v1/stream/x", b"/v1/stream/x?", b"*", b"/v1/stream/x#frag"])
+                             b"/v1/streams/x", b"//v1/stream/x", b"/v1/stream/x?", b"*", b"/v1/stream/x#frag",
+                             b"/openapi.json", b"/console", b"/console/api/streams", b"/console/api/streams/x",
+                             b"/console/api/streams/%ff", b"/console/api/streams/" + b"x" * 2000])
         )  # fmt: skip
         return lambda h: (path + query(h), None)
     if kind == "odd":
@@ -300,6 +302,9 @@ def queries(draw: st.DrawFn) -> Callable[[Harness], bytes]:
         parts.append(_param(b"cursor", fixed(cursor)))
     if draw(st.integers(0, 5)) == 0:
         parts.append(fixed(draw(st.sampled_from([b"x=1", b"&&", b"=", b"offset", b"%zz=%zz", b"a=%00"]))))
+    if draw(st.integers(0, 5)) == 0:  # the console's page size
+        limit = draw(st.sampled_from([b"10", b"0", b"-1", b"abc", b"%C2%B2", b"%D9%A1", b"9" * 5000, b""]))
+        parts.append(_param(b"limit", fixed(limit)))
     if not parts:
         return fixed(b"")
     return lambda h: b"?" + b"&".join(part(h) for part in parts)
@@ -568,6 +573,13 @@ def test_numeric_headers_with_thousands_of_digits_are_400(gateway, http, unique,
     if method == "POST":
         assert http.put(url, headers={"content-type": "application/json"}).status_code == 201
     answer = http.request(method, url, headers={"content-type": "application/json", **headers}, content=b"{}")
+    assert answer.status_code == 400, answer.text
+
+
+@pytest.mark.parametrize("limit", ["%C2%B2", "9" * 5000])  # a superscript two; Python's int() limit
+def test_the_consoles_page_size_with_odd_digits_is_400(gateway, http, limit):
+    # Found while fuzzing: str.isdigit() accepts both, int() refuses them (500).
+    answer = http.get(f"{gateway.url}/console/api/streams?limit={limit}")
     assert answer.status_code == 400, answer.text
 
 
