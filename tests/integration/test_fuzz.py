@@ -483,7 +483,7 @@ class Harness:
 
     def refresh(self, which: str) -> None:
         state = self.state(which)
-        if state[0] == 404:  # deleted by the fuzzer
+        if state[0] in (404, 410):  # deleted by the fuzzer (410: while forks of it live)
             self.make(which)
             return
         self.states[which] = state
