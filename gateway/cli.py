@@ -213,7 +213,7 @@ def dev(
     Refuses to start when a port it needs is taken; restarts a child that dies.
     Ctrl-C stops it all; the data stays for the next run."""
     from . import devstate
-    from .dev import DevError, Supervisor, current_state, plan_from_env, start_all
+    from .dev import Supervisor, current_state, plan_from_env, start_all
 
     _exit_zero_after_drain()
     say = lambda message: typer.echo(message, err=True)  # noqa: E731
@@ -226,8 +226,6 @@ def dev(
         _print_dev_summary(state, plan.data_dir, state_path)
         supervisor.run_in_background()
         _run_uvicorn(host, port, workers=1)
-    except DevError as exc:
-        raise CliError(str(exc)) from None
     finally:
         supervisor.stop()
         devstate.remove(data_dir.resolve(), os.getpid())
