@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 
 import httpx
+import redis
 
 from gateway import __version__
 from gateway.embedded import free_port
@@ -153,9 +155,20 @@ def test_tail_from_now_prints_only_new_messages(gateway, redis_server, unique):
             text=True,
         )
         try:
-            time.sleep(1.5)  # let it read the tail; an append before that would be "old" too
+            # It has read the tail once it blocks in XREAD on the stream (an
+            # append before that would count as "old"): wait for that, not a while.
+            client = redis.Redis.from_url(redis_server.url)
+            deadline = time.monotonic() + 30
+            while not any(
+                c["name"] == f"dsgw-cli-{proc.pid}" and c["cmd"] == "xread" for c in client.client_list()
+            ):
+                assert time.monotonic() < deadline, "dsgw tail never started following"
+                time.sleep(0.05)
+            client.close()
             http.post(url, headers={"content-type": "text/plain"}, content=b"new")
             assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 30)
+            assert ready, "dsgw tail printed nothing"
             assert proc.stdout.readline().rstrip().endswith("  new")
         finally:
             proc.terminate()
