@@ -239,12 +239,34 @@ def start_gateway(procs: Processes, redis_url: str, workers: int, log: Path) -> 
 # --- load generator and wrk -------------------------------------------------------------
 
 
+# Headers every generated request carries: a bearer token with --auth (sent to
+# the reference too, which ignores it, so the generator does the same work).
+EXTRA_HEADERS: dict[str, str] = {}
+
+
+def enable_auth() -> None:
+    """--auth: the gateway verifies an HS256 token on every stream request."""
+    import secrets
+
+    import jwt
+
+    secret = secrets.token_hex(32)
+    os.environ["DSGW_AUTH_JWT_SECRET"] = secret  # start_gateway passes the environment on
+    claims = {
+        "exp": int(time.time()) + 6 * 3600,
+        "sub": "bench",
+        "ds": {op: ["**"] for op in ("read", "append", "manage")},
+    }
+    EXTRA_HEADERS["authorization"] = "Bearer " + jwt.encode(claims, secret, algorithm="HS256")
+
+
 def run_loadgen(server: Server, scenario: str, *, deadline_s: float, **params) -> dict:
     config = {
         "scenario": scenario,
         "base": server.base,
         "hardDeadlineS": deadline_s,
         "cpu": server.cpu_config(),
+        "headers": EXTRA_HEADERS,
     }
     config.update(params)
     with tempfile.TemporaryDirectory(prefix="dsgw-bench-") as tmp:
@@ -500,6 +522,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # the harness's own test
     parser.add_argument("--only", default=",".join(ALL_SCENARIOS), help="comma-separated: a,b,c,d,e,f,wrk")
     parser.add_argument("--no-wrk", action="store_true", help="skip the wrk cross-check")
+    parser.add_argument(
+        "--auth", action="store_true", help="auth on: every request carries a bearer token (skips wrk)"
+    )
     parser.add_argument("--seconds", type=float, help="length of the measured window of (a), (b) and wrk")
     parser.add_argument(
         "--gateway-workers", type=int, default=os.cpu_count() or 1, help="dsgw serve --workers"
@@ -510,14 +535,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.only) - set(ALL_SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}; choose from {ALL_SCENARIOS}")
-    if args.no_wrk and "wrk" in args.only:
-        args.only.remove("wrk")
+    if (args.no_wrk or args.auth) and "wrk" in args.only:
+        args.only.remove("wrk")  # the wrk script sends no token
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = SMOKE if args.smoke else QUICK if args.quick else FULL
+    if args.auth:
+        enable_auth()
     if args.seconds:
         plan = dataclasses.replace(plan, seconds=args.seconds)
     ensure_bench_tools()

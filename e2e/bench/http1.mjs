@@ -35,6 +35,12 @@ class Headers {
   }
 }
 
+// Headers every request carries (e.g. a bearer token for the auth-on run).
+let extraHead = ""
+export function setExtraHeaders(headers) {
+  extraHead = Object.entries(headers ?? {}).map(([name, value]) => `${name}: ${value}\r\n`).join("")
+}
+
 export class Connection {
   constructor(host, port, timeoutMs = 10000) {
     this.host = host
@@ -72,6 +78,7 @@ export class Connection {
     if (!this.socket) this.open()
     let head = `${method} ${path} HTTP/1.1\r\nhost: ${this.host}:${this.port}\r\n`
     for (const name in headers) head += `${name}: ${headers[name]}\r\n`
+    head += extraHead
     head += `content-length: ${body === null ? 0 : Buffer.byteLength(body)}\r\n\r\n`
     return new Promise((resolve) => {
       const started = performance.now()
@@ -176,7 +183,7 @@ export function openStream(host, port, path, { onHead, onText, onClose }) {
   let pending = ""
   let state = "size"
   let remaining = 0
-  socket.on("connect", () => socket.write(`GET ${path} HTTP/1.1\r\nhost: ${host}:${port}\r\naccept: text/event-stream\r\n\r\n`))
+  socket.on("connect", () => socket.write(`GET ${path} HTTP/1.1\r\nhost: ${host}:${port}\r\naccept: text/event-stream\r\n${extraHead}\r\n`))
   socket.on("data", (text) => {
     const receivedAt = performance.now()
     if (chunked === null) {

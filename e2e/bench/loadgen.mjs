@@ -14,11 +14,12 @@ import http from "node:http"
 import net from "node:net"
 import { readFileSync, writeFileSync } from "node:fs"
 import { performance } from "node:perf_hooks"
-import { Connection, openStream } from "./http1.mjs"
+import { Connection, openStream, setExtraHeaders } from "./http1.mjs"
 
 const [configPath, resultPath] = process.argv.slice(2)
 const config = JSON.parse(readFileSync(configPath, "utf8"))
 const base = new URL(config.base)
+setExtraHeaders(config.headers)
 const now = () => performance.now()
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, Math.max(0, ms)))
 
@@ -134,7 +135,7 @@ function request(method, path, { headers = {}, body = null, timeoutMs = 10000, a
   return new Promise((resolve) => {
     const started = now()
     const req = http.request(
-      { host: base.hostname, port: base.port, method, path, headers, agent },
+      { host: base.hostname, port: base.port, method, path, headers: { ...config.headers, ...headers }, agent },
       (res) => {
         const chunks = []
         res.on("data", (chunk) => chunks.push(chunk))
