@@ -148,7 +148,10 @@ class Supervisor:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
-            self.check()
+            try:
+                self.check()
+            except Exception as exc:  # noqa: BLE001 (a bug here must not end supervision silently)
+                self.say(f"dsgw dev: supervisor error: {type(exc).__name__}: {exc}")
 
     def check(self) -> None:
         """One round: notice deaths, restart children whose delay is over."""
@@ -172,7 +175,7 @@ class Supervisor:
             elif now >= child.restart_at:
                 try:
                     child.handle = child.start()
-                except (EmbeddedError, OSError, subprocess.SubprocessError) as exc:
+                except Exception as exc:  # whatever it is, retry later rather than give up
                     self.say(f"dsgw dev: {child.name} did not start: {exc}; next try in {child.delay_s:g} s")
                     child.restart_at = now + child.delay_s
                     child.delay_s = min(child.delay_s * 2, BACKOFF_CAP_S)

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,44 @@ def test_dev_ports_from_env_are_checked(monkeypatch):
     monkeypatch.setenv("DSGW_DEV_REDIS_PORT", "abc")
     with pytest.raises(dev.DevError, match="DSGW_DEV_REDIS_PORT='abc' is not a port number"):
         dev.plan_from_env("127.0.0.1", 4437, Path("data"), True)
+
+
+def test_a_failed_restart_is_retried_with_backoff(tmp_path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(dev.time, "monotonic", lambda: clock[0])
+    said: list[str] = []
+    starts = iter([FakeHandle(1)])
+
+    def start() -> FakeHandle:
+        handle = next(starts, None)
+        if handle is None:
+            raise RuntimeError("boom")
+        return handle
+
+    supervisor = dev.Supervisor(say=said.append)
+    supervisor.add(dev.Child("sink worker", start, tmp_path / "sink.log"))
+    supervisor.check()  # died: restart in 1 s
+    clock[0] += 1
+    supervisor.check()
+    assert said[-1] == "dsgw dev: sink worker did not start: boom; next try in 2 s"
+    supervisor.check()  # not again before those 2 s
+    assert len(said) == 2
+
+
+def test_an_unexpected_error_is_reported_and_supervision_goes_on(tmp_path):
+    class BrokenProc(FakeProc):
+        def poll(self) -> int | None:
+            raise RuntimeError("boom")
+
+    handle = FakeHandle(None)
+    handle.proc = BrokenProc(None)
+    said: list[str] = []
+    supervisor = dev.Supervisor(say=said.append, poll_s=0.01)
+    supervisor.add(dev.Child("sink worker", lambda: handle, tmp_path / "sink.log"))
+    supervisor.run_in_background()
+    deadline = time.monotonic() + 10
+    while sum("supervisor error: RuntimeError: boom" in m for m in said) < 2:  # reported, and again
+        assert time.monotonic() < deadline, said
+        time.sleep(0.01)
+    supervisor.stop()
+    assert handle.stopped
