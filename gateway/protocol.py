@@ -179,7 +179,10 @@ _WHITESPACE = " \t\n\r"
 
 _WS = r"[ \t\n\r]*+"
 # Possessive quantifiers and atomic groups: no backtracking, so every match is linear.
-_STRING = r'"[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*+)*+"'
+# Character classes are written as positive ranges: Python's re matches those
+# about twice as fast as negated ones. A str from UTF-8 holds no surrogates.
+_STRING_CHAR = r"[\x20\x21\x23-\x5b\x5d-\U0010ffff]"  # not '"', '\' or a control character
+_STRING = rf'"{_STRING_CHAR}*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{{4}}){_STRING_CHAR}*+)*+"'
 _NUMBER = r"-?+(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?+(?:[eE][+-]?+[0-9]++)?+"
 _SCALAR = rf"(?>{_STRING}|{_NUMBER}|true|false|null)"
 _MEMBER_NAME = rf"{_STRING}{_WS}:{_WS}"
@@ -208,12 +211,12 @@ _WS_RE = re.compile(_WS)
 # The extent of one element of an array already known to be valid JSON: a
 # string, a number or literal, or a container nested at most _SPLIT_DEPTH deep.
 _SPLIT_DEPTH = 16
-_VALID_STRING = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
-_valid_container = rf"[\[{{][^\"\[\]{{}}]*+(?:{_VALID_STRING}[^\"\[\]{{}}]*+)*+[\]}}]"
+_ANY_BUT_QUOTE_BACKSLASH = r"[\x00-\x21\x23-\x5b\x5d-\U0010ffff]"
+_VALID_STRING = rf'"{_ANY_BUT_QUOTE_BACKSLASH}*+(?:\\.{_ANY_BUT_QUOTE_BACKSLASH}*+)*+"'
+_OTHER = r"[\x00-\x21\x23-\x5a\x5c\x5e-\x7a\x7c\x7e-\U0010ffff]"  # not '"', '[', ']', '{' or '}'
+_valid_container = rf"[\[{{]{_OTHER}*+(?:{_VALID_STRING}{_OTHER}*+)*+[\]}}]"
 for _ in range(_SPLIT_DEPTH - 1):
-    _valid_container = (
-        rf"[\[{{][^\"\[\]{{}}]*+(?:(?:{_VALID_STRING}|{_valid_container})[^\"\[\]{{}}]*+)*+[\]}}]"
-    )
+    _valid_container = rf"[\[{{]{_OTHER}*+(?:(?:{_VALID_STRING}|{_valid_container}){_OTHER}*+)*+[\]}}]"
 # One element and what follows it: "," or the closing "]".
 _VALID_ELEMENT = re.compile(
     rf"({_VALID_STRING}|{_valid_container}|[^\"\[\]{{}},{_WHITESPACE}]++){_WS}([,\]]){_WS}", re.DOTALL
@@ -272,7 +275,7 @@ def _split_with_orjson(body: bytes, max_messages: int) -> list[str] | None:
     return _valid_array_elements(body.decode())
 
 
-_VALID_STRING_RE = re.compile(_VALID_STRING.encode(), re.DOTALL)
+_VALID_STRING_RE = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
 _BRACKETS_TO_PARENS = bytes.maketrans(b"[]{}", b"()()")
 _NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"\\')))
 
