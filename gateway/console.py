@@ -94,7 +94,7 @@ async def stream_rows(gateway: Gateway, limit: int) -> list[dict[str, Any]]:
 def parse_limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= MAX_LIMIT:
         raise bad_request("Invalid limit", f"a whole number from 1 to {MAX_LIMIT}")
     return int(raw)
 
