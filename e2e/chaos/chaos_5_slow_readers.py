@@ -196,7 +196,9 @@ async def test_1000_sse_readers_50_stalled():
                 await asyncio.sleep(0.1)
 
         produced = time.monotonic()
-        await asyncio.gather(produce_big(), *(p.run(SMALL_MESSAGES, 0.05) for p in small_producers))
+        await asyncio.wait_for(
+            asyncio.gather(produce_big(), *(p.run(SMALL_MESSAGES, 0.05) for p in small_producers)), 180
+        )
         produce_s = time.monotonic() - produced
         _, unfinished = await asyncio.wait(tasks, timeout=120)
         for task in unfinished:

@@ -1,6 +1,6 @@
 """Scenario 6: the replicas' notification subscriptions are killed
 (`CLIENT KILL TYPE pubsub` on Redis, on every master of a cluster) three
-times while SSE readers follow their streams through the balancer. Every
+times while SSE and long-poll readers follow their streams through the balancer. Every
 reader still gets every message, in order, within the re-check interval
 (DSGW_LIVE_RECHECK_MS, 1 s here): a lost notification delays, never loses."""
 
@@ -12,11 +12,20 @@ import time
 import pytest
 import redis
 
-from e2e.chaos.tools import JSON, Producer, SseReader, client, new_name, read_all, running_stack
+from e2e.chaos.tools import (
+    JSON,
+    LongPollReader,
+    Producer,
+    SseReader,
+    client,
+    new_name,
+    read_all,
+    running_stack,
+)
 
 RECHECK_MS = 1000
 STREAMS = 4
-READERS_PER_STREAM = 5
+READERS_PER_STREAM = 5  # 4 over SSE, 1 long-polling
 APPEND_EVERY_S = 0.1
 KILLS = 3
 
@@ -44,7 +53,11 @@ async def test_notification_subscriptions_killed(redis_mode: str):
             for url in urls:
                 assert (await http.put(url, headers=JSON)).status_code == 201
         producers = [Producer(f"p-{k}", url) for k, url in enumerate(urls)]
-        readers = [SseReader(url, total=10**9) for url in urls for _ in range(READERS_PER_STREAM)]
+        readers: list[SseReader | LongPollReader] = [
+            SseReader(url, total=10**9) if j else LongPollReader(url, total=10**9)
+            for url in urls
+            for j in range(READERS_PER_STREAM)
+        ]
         sse_client = client(connections=len(readers) + 4, timeout_s=60)
         reading = [asyncio.create_task(r.run(sse_client)) for r in readers]
         stop = asyncio.Event()
@@ -81,9 +94,9 @@ async def test_notification_subscriptions_killed(redis_mode: str):
         worst_ms = max(delays) * 1000
         late = sum(1 for d in delays if d > 0.2)
         print(f"  {redis_mode}: CLIENT KILL TYPE pubsub {KILLS} times, subscriptions killed: {killed}")
-        print(f"  {sum(len(s) for s in stored)} messages appended; {complete} of {len(readers)} SSE readers got "
-              f"every message of their stream in order ({len(delays)} deliveries, "
-              f"{sum(r.reconnects for r in readers)} reconnects)")  # fmt: skip
+        print(f"  {sum(len(s) for s in stored)} messages appended; {complete} of {len(readers)} readers "
+              f"({len(readers) - STREAMS} SSE, {STREAMS} long-poll) got every message of their stream in order "
+              f"({len(delays)} deliveries)")  # fmt: skip
         print(f"  delivery after the append's acknowledgement: worst {worst_ms:.0f} ms "
               f"(re-check interval {RECHECK_MS} ms); {late} deliveries later than 200 ms")  # fmt: skip
         print(f"  scenario 6 ({redis_mode}) took {time.monotonic() - started:.0f} s")

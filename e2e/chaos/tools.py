@@ -264,6 +264,33 @@ class SseReader:
             await asyncio.sleep(0.05)
 
 
+@dataclass
+class LongPollReader:
+    """Follows a stream with long-polls until it holds `total` messages."""
+
+    url: str
+    total: int
+    received: list = field(default_factory=list)
+    received_at: list[float] = field(default_factory=list)
+    offset: str = "-1"
+
+    async def run(self, client: httpx.AsyncClient) -> None:
+        while len(self.received) < self.total:
+            try:
+                response = await client.get(self.url, params={"offset": self.offset, "live": "long-poll"})
+            except httpx.TransportError:
+                await asyncio.sleep(0.05)
+                continue
+            if response.status_code == 200:
+                messages = response.json()
+                self.received.extend(messages)
+                self.received_at.extend([time.time()] * len(messages))
+            elif response.status_code != 204:
+                await asyncio.sleep(0.05)
+                continue
+            self.offset = response.headers["stream-next-offset"]
+
+
 # --- processes -----------------------------------------------------------------------
 
 
