@@ -23,6 +23,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 
+from .metrics import LIVE_SUBSCRIPTION_UP
+
 log = logging.getLogger("dsgw.live")
 
 IDLE_UNSUBSCRIBE_S = 30.0  # keep a quiet subscription a while: readers come back
@@ -240,6 +242,7 @@ class LiveHub:
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
         self._ready = False
+        LIVE_SUBSCRIPTION_UP.set(0)
         for task in self._node_tasks.values():
             task.cancel()
         self._node_tasks.clear()
@@ -273,6 +276,7 @@ class LiveHub:
             await pubsub.subscribe("ds:__hub__")
         await self._subscribe(*self._channels, reconnecting=True)
         self._ready = True
+        LIVE_SUBSCRIPTION_UP.set(1)
         # Whatever was published while we were away: every reader re-reads.
         for channel in self._channels.values():
             channel.bump()

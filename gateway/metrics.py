@@ -29,6 +29,11 @@ DUPLICATE_APPENDS = Counter(
 LIVE_READERS = Gauge(
     "dsgw_live_readers", "Live readers waiting (all processes)", ["mode"], multiprocess_mode="livesum"
 )
+LIVE_SUBSCRIPTION_UP = Gauge(
+    "dsgw_live_subscription_up",
+    "1 while this process's live pub/sub subscription to Redis is up (lowest over processes)",
+    multiprocess_mode="livemin",
+)
 RESPONSES = Counter("dsgw_responses_total", "HTTP responses by method and status", ["method", "status"])
 FANOUT_DELAY = Histogram(
     "dsgw_fanout_delivery_seconds",

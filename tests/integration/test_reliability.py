@@ -408,3 +408,17 @@ async def test_a_fork_made_while_its_source_is_deleted_keeps_its_inherited_data(
         assert b"[" + result.body + b"]" == b"[1,2,3]"  # inherited 1,2; the sub-offset's prefix 3
     finally:
         await mux.close()
+
+
+def test_the_live_subscription_is_a_metric(own_redis, tmp_path):
+    gw = gateway_on(own_redis, tmp_path)
+    try:
+        assert metric(gw, "dsgw_live_subscription_up") == 1
+        own_redis.proc.kill()
+        own_redis.proc.wait()
+        _wait_for(lambda: metric(gw, "dsgw_live_subscription_up") == 0, 10)
+        restarted = start_redis(own_redis.data_dir, port=own_redis.port, persistent=True)
+        own_redis.proc = restarted.proc
+        _wait_for(lambda: metric(gw, "dsgw_live_subscription_up") == 1, 15)
+    finally:
+        gw.stop()

@@ -670,7 +670,7 @@ def test_alert_rules_cover_sink_lag_subscription_5xx_and_redis_memory() -> None:
         assert rule["annotations"]["summary"]
     exprs = {r["alert"]: r["expr"] for r in rules}
     assert "dsgw_sink_lag_seconds_bucket" in exprs["DsgwSinkLagHigh"]
-    assert "kube_pod_status_ready" in exprs["DsgwGatewaySubscriptionDown"]
+    assert "dsgw_live_subscription_up" in exprs["DsgwGatewaySubscriptionDown"]
     assert 'status=~"5.."' in exprs["DsgwHttp5xxRateHigh"]
     assert "redis_memory_used_bytes" in exprs["DsgwRedisMemoryHigh"]
     # Every dsgw_* series an alert uses is one the code exports.
