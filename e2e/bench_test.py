@@ -101,10 +101,13 @@ def test_process_tree_finds_grandchildren() -> None:
     assert all(gone(pid) for pid in tree)
 
 
-NEEDS_BENCH_TOOLS = pytest.mark.skipif(
-    not (bench_compare.BENCH_DIR / "node_modules" / "@durable-streams" / "server").exists(),
-    reason="benchmark npm tools not installed (make bench installs them in e2e/bench)",
-)
+@pytest.fixture(scope="module")
+def bench_tools() -> None:
+    """The benchmark's npm tools (e2e/bench), installed like `make bench` does."""
+    bench_compare.ensure_bench_tools()
+
+
+NEEDS_BENCH_TOOLS = pytest.mark.usefixtures("bench_tools")
 
 
 @NEEDS_BENCH_TOOLS
