@@ -11,6 +11,7 @@ from starlette.types import Send
 
 from . import auth, metrics
 from .http import Headers, Reply, StreamRequest, reply_from
+from .json_messages import split_json_messages
 from .offsets import BadOffset, EntryId, format_offset, parse_offset
 from .protocol import (
     DEFAULT_CONTENT_TYPE,
@@ -24,7 +25,6 @@ from .protocol import (
     parse_stream_closed,
     parse_sub_offset,
     parse_ttl,
-    split_json_messages,
 )
 from .ratelimit import request_guard
 from .reads import StreamReads

@@ -43,9 +43,9 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError, ResponseError
 
+from gateway.json_messages import json_array_elements
 from gateway.keys import SHARDS, feed_key
 from gateway.offsets import format_offset, parse_entry_id
-from gateway.protocol import json_array_elements
 from gateway.redis_client import reset_after
 from gateway.scripts import script_source
 

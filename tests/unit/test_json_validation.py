@@ -15,19 +15,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import protocol
-from gateway.protocol import MAX_JSON_DEPTH, ProblemError, json_array_elements, split_json_messages
+from gateway import json_messages
+from gateway.json_messages import MAX_JSON_DEPTH, json_array_elements, split_json_messages
+from gateway.protocol import ProblemError
 
 
 @contextlib.contextmanager
 def scanner_only() -> Iterator[None]:
     """Every body goes to the scanner, however small."""
-    saved = protocol._ORJSON_MAX_BYTES
-    protocol._ORJSON_MAX_BYTES = -1
+    saved = json_messages._ORJSON_MAX_BYTES
+    json_messages._ORJSON_MAX_BYTES = -1
     try:
         yield
     finally:
-        protocol._ORJSON_MAX_BYTES = saved
+        json_messages._ORJSON_MAX_BYTES = saved
 
 
 def outcome(body: bytes, *, allow_empty: bool = True, max_messages: int = 0) -> list[str] | int:
@@ -351,7 +352,8 @@ def test_an_8_mib_body_is_validated_in_bounded_memory(shape, max_messages, statu
     script = textwrap.dedent(
         f"""
         import tracemalloc
-        from gateway.protocol import ProblemError, split_json_messages
+        from gateway.json_messages import split_json_messages
+        from gateway.protocol import ProblemError
         size = 8 * 1024 * 1024
         body = {shape}
         tracemalloc.start()
