@@ -252,12 +252,20 @@ class RedisMux:
     async def execute(self, *command: Any, key: str | None = None, retry_if_lost: bool = False) -> Any:
         """Run one command. `retry_if_lost`: for commands that change nothing,
         try once more on a fresh connection if the connection died under it."""
+        return await self.run(command, key, retry_if_lost)
+
+    async def run(self, command: tuple[Any, ...], key: str | None, retry_if_lost: bool) -> Any:
+        """`execute` for a command already in a tuple: the hot path (one
+        coroutine less to resume per command)."""
+        node = self._node
+        if not node.connected:
+            await node.connect()
         try:
-            return await self._node.execute(*command)
+            return await node.send_nowait(command)
         except ConnectionError:
             if not retry_if_lost:
                 raise
-            return await self._node.execute(*command)
+            return await node.execute(*command)
 
     async def ping_all(self) -> dict[str, bool]:
         return {self._node.address: await _answers_ping(self._node)}
@@ -322,6 +330,9 @@ class ClusterMux:
             self._refreshing.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def execute(self, *command: Any, key: str | None = None, retry_if_lost: bool = False) -> Any:
+        return await self.run(command, key, retry_if_lost)
+
+    async def run(self, command: tuple[Any, ...], key: str | None, retry_if_lost: bool) -> Any:
         if not self._slots:
             await self.refresh_slots()
         address = self._slots[key_slot(key)] if key is not None else next(iter(self._nodes), "")

@@ -59,11 +59,11 @@ class Scripts:
         command = ("EVALSHA", self._shas[name], len(keys), *keys, *args)
         try:
             try:
-                return await self._mux.execute(*command, key=keys[0], retry_if_lost=changes_nothing)
+                return await self._mux.run(command, keys[0], changes_nothing)
             except NoScriptError:
                 # A new or restarted Redis (or cluster node): load, then send once more.
                 await self._mux.execute("SCRIPT", "LOAD", script_source(name), key=keys[0])
-                return await self._mux.execute(*command, key=keys[0], retry_if_lost=changes_nothing)
+                return await self._mux.run(command, keys[0], changes_nothing)
         finally:
             BATCHED.observe(self._latency[name], time.perf_counter() - started)
 
