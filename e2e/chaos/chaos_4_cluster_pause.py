@@ -79,7 +79,12 @@ async def test_cluster_master_paused_8s():
             paused_at = time.time()
             os.kill(victim.pid, signal.SIGSTOP)
             try:
-                await asyncio.sleep(PAUSE_S)
+                await asyncio.sleep(PAUSE_S / 2)
+                # Readiness degrades per node: every replica stays in the balancer,
+                # and its /readyz names the paused master.
+                async with client() as http:
+                    ready = [await http.get(f"{gw}/readyz") for gw in stack.gateways]
+                await asyncio.sleep(PAUSE_S / 2)
             finally:
                 os.kill(victim.pid, signal.SIGCONT)
             resumed_at = time.time()
@@ -132,6 +137,9 @@ async def test_cluster_master_paused_8s():
         print(f"  streams hold {sum(len(v) for v in stored.values())} messages; problems: {problems}; "
               f"every SSE reader got its stream exactly, in order: {all(reader_ok.values())}")  # fmt: skip
         print(f"  scenario 4 took {time.monotonic() - started:.0f} s")
+        print(f"  /readyz of the replicas during the pause: {[r.status_code for r in ready]}")
+        assert [r.status_code for r in ready] == [200] * len(stack.gateways)
+        assert all(r.json()["redis_nodes"][f"127.0.0.1:{victim_port}"] is False for r in ready)
         assert all(v == 0 for v in problems.values()), problems
         assert all(reader_ok.values()), [n for n, ok in reader_ok.items() if not ok]
         # Unaffected: not one failed request on the other masters' streams, and
