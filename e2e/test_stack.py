@@ -211,7 +211,9 @@ async def test_postgres_insert_reaches_a_stream_and_round_trips_to_session_event
             return await pg.fetchrow("SELECT * FROM session_events WHERE stream_name = $1", stream)
 
         synced = await wait_until(row)
-        assert synced["event_type"] == table and synced["event_key"] == "1" and synced["operation"] is None
+        assert (
+            synced["event_type"] == table and synced["event_key"] == "1" and synced["operation"] == "insert"
+        )
     finally:
         await pg.close()
 
