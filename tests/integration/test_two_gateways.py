@@ -158,7 +158,9 @@ async def test_waiting_readers_hold_no_redis_connection(redis_server, tmp_path_f
             assert not any(p.done() for p in polls)
             await client.post(url, headers=TEXT, content=b"wake")
             responses = await asyncio.gather(*polls)
-        assert [resp.status_code for resp in responses] == [200] * 100, [(r.status_code, r.text[:80]) for r in responses if r.status_code != 200][:3]
+        assert [resp.status_code for resp in responses] == [200] * 100, [
+            (r.status_code, r.text[:80]) for r in responses if r.status_code != 200
+        ][:3]
         assert all(resp.content == b"wake" for resp in responses)
         mine = [c for c in r.client_list() if c["name"] == f"dsgw-gateway-{gw.proc.pid}"]
         assert 1 <= len(mine) <= 4
