@@ -27,7 +27,7 @@ from .console import console_routes
 from .http import ClientGone, Headers, Reply, StreamRequest, problem_reply
 from .live import LiveHub
 from .openapi import openapi_routes
-from .redis_client import connect, reset_after
+from .redis_client import connect
 from .routes import STREAM_PREFIX, StreamRoutes
 from .settings import Settings
 from .store import Store
@@ -221,7 +221,7 @@ class EdgeMiddleware:
         except ClientGone:
             return 499  # nginx's word for it: nothing is sent
         except RedisError as exc:
-            reply = await storage_unavailable(self.streams.gw, exc)
+            reply = storage_unavailable(exc)
         except Exception:
             log.exception("unhandled error")
             reply = problem_reply(500, "Internal error", f"request {logs.request_id.get() or ''}")
@@ -255,9 +255,10 @@ class EdgeMiddleware:
         return status
 
 
-async def storage_unavailable(gateway: Gateway, exc: Exception) -> Reply:
+def storage_unavailable(exc: Exception) -> Reply:
+    # No client reset here: stream operations use gateway/redis_mux.py, which
+    # keeps its own slot map and reconnects a dead connection by itself.
     log.warning("storage unavailable: %s: %s", type(exc).__name__, exc)
-    await reset_after(gateway.redis, exc)
     return problem_reply(503, "Storage unavailable", type(exc).__name__, {"retry-after": "1"})
 
 
@@ -297,7 +298,7 @@ def create_app(settings: Settings | None = None) -> Any:
 
     async def redis_error(request: Request, exc: Exception) -> Response:
         # Inside the app, so Starlette's catch-all does not turn it into a 500.
-        reply = await storage_unavailable(gateway, exc)
+        reply = storage_unavailable(exc)
         return Response(reply.body, reply.status, headers={k.decode(): v.decode() for k, v in reply.headers})
 
     async def internal_error(request: Request, exc: Exception) -> Response:

@@ -8,7 +8,6 @@ our own protocol work; everything else (health, metrics) still uses them."""
 from __future__ import annotations
 
 import json
-from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.types import Receive, Scope, Send
@@ -114,10 +113,6 @@ def problem_reply(status: int, title: str, detail: str = "", headers: dict[str, 
 
 def reply_from(error: ProblemError) -> Reply:
     return problem_reply(error.status, error.title, error.detail, error.headers)
-
-
-def header_pairs(headers: dict[str, Any]) -> Headers:
-    return [(k.encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()]
 
 
 def abort_connection(send: Send) -> None:
