@@ -24,7 +24,6 @@ import json
 import os
 import re
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +39,7 @@ ROOT = E2E_DIR.parent
 sys.path.insert(0, str(ROOT))
 
 from e2e import bench_report  # noqa: E402
+from e2e.apt import debian_binary  # noqa: E402
 from e2e.stack import redis7_server, wait_ready  # noqa: E402
 from gateway.embedded import (  # noqa: E402
     EmbeddedError,
@@ -290,16 +290,7 @@ def run_loadgen(server: Server, scenario: str, *, deadline_s: float, **params) -
 
 
 def ensure_wrk() -> str:
-    found = shutil.which("wrk")
-    if found:
-        return found
-    print("wrk not found: installing Debian's wrk with apt-get", file=sys.stderr)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "wrk"]
-    if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-        subprocess.run(install, env=env, capture_output=True, timeout=600)
-    found = shutil.which("wrk")
+    found = debian_binary("wrk", "wrk")
     if not found:
         raise HarnessError("wrk could not be installed with apt-get")
     return found

