@@ -130,3 +130,9 @@ def rate_key(identity: str, kind: str) -> str:
     neither a token nor an address is stored, and so the key has a fixed size."""
     digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
     return f"{RATE_PREFIX}:{{{digest}}}:{kind}"
+
+
+# Subscription security keys (gateway/subscriptions/signing.py): one STRING each,
+# a JSON key set created once with SET NX and shared by every replica.
+WEBHOOK_SIGNING_KEYS = "dskeys:webhook-signing"  # Ed25519 private keys that sign webhook deliveries
+CALLBACK_TOKEN_KEYS = "dskeys:callback-token"  # HMAC keys of callback / claim tokens
