@@ -87,6 +87,22 @@ class Settings:
     # Rate limits per credential (or client address), shared through Redis; 0 = off.
     rate_appends_per_s: int = 0
     rate_live_connections: int = 0
+    # Webhook delivery (gateway/subscriptions/webhook.py, urlsafety.py). Private,
+    # loopback and link-local targets (and plain http) only when allowed: for
+    # development and the conformance runs, never for untrusted subscribers.
+    webhook_allow_private: bool = False
+    # One delivery: connecting, and everything (resolve, connect, send, response).
+    webhook_connect_timeout_ms: int = 3_000
+    webhook_timeout_ms: int = 10_000
+    # Deliveries in flight at once per gateway process; more wait for a slot.
+    webhook_max_concurrency: int = 64
+    # How much of a receiver's response is read (enough for {"done": true}).
+    webhook_max_response_bytes: int = 4096
+    # Largest webhook body sent; a larger one is not delivered (counted as a failure).
+    webhook_max_payload_bytes: int = 256 * 1024
+    # How often a replica reloads the signing and token keys from Redis (a key
+    # rotation publishes its new key this long, and more, before it signs).
+    webhook_keys_refresh_s: int = 60
     # The web console at /console (gateway/console.py); its data behind auth when auth is on.
     console: bool = True
 
@@ -139,6 +155,19 @@ class Settings:
             auth_leeway_s=env_int("DSGW_AUTH_LEEWAY_S", cls.auth_leeway_s),
             rate_appends_per_s=env_int("DSGW_RATE_APPENDS_PER_S", cls.rate_appends_per_s),
             rate_live_connections=env_int("DSGW_RATE_LIVE_CONNECTIONS", cls.rate_live_connections),
+            webhook_allow_private=_str("DSGW_WEBHOOK_ALLOW_PRIVATE", "false").lower() in ("1", "true", "yes"),
+            webhook_connect_timeout_ms=env_int(
+                "DSGW_WEBHOOK_CONNECT_TIMEOUT_MS", cls.webhook_connect_timeout_ms
+            ),
+            webhook_timeout_ms=env_int("DSGW_WEBHOOK_TIMEOUT_MS", cls.webhook_timeout_ms),
+            webhook_max_concurrency=env_int("DSGW_WEBHOOK_MAX_CONCURRENCY", cls.webhook_max_concurrency),
+            webhook_max_response_bytes=env_int(
+                "DSGW_WEBHOOK_MAX_RESPONSE_BYTES", cls.webhook_max_response_bytes
+            ),
+            webhook_max_payload_bytes=env_int(
+                "DSGW_WEBHOOK_MAX_PAYLOAD_BYTES", cls.webhook_max_payload_bytes
+            ),
+            webhook_keys_refresh_s=env_int("DSGW_WEBHOOK_KEYS_REFRESH_S", cls.webhook_keys_refresh_s),
             console=_str("DSGW_CONSOLE", "true").lower() in ("1", "true", "yes"),
         )
 
