@@ -57,27 +57,6 @@ class DeliveryResult:
         return self.error is None
 
 
-@dataclass(frozen=True, slots=True)
-class WebhookConfig:
-    allow_private: bool = False
-    connect_timeout_s: float = 3.0
-    timeout_s: float = 10.0
-    max_concurrency: int = 64
-    max_response_bytes: int = 4096
-    max_payload_bytes: int = 256 * 1024
-
-    @classmethod
-    def from_settings(cls, s: Settings) -> WebhookConfig:
-        return cls(
-            allow_private=s.webhook_allow_private,
-            connect_timeout_s=s.webhook_connect_timeout_ms / 1000,
-            timeout_s=s.webhook_timeout_ms / 1000,
-            max_concurrency=max(1, s.webhook_max_concurrency),
-            max_response_bytes=s.webhook_max_response_bytes,
-            max_payload_bytes=s.webhook_max_payload_bytes,
-        )
-
-
 class _Exchange:
     """What one attempt learned so far (kept when the clock runs out)."""
 
@@ -95,23 +74,29 @@ def parse_done(body: bytes) -> bool:
 
 
 class WebhookClient:
-    def __init__(self, config: WebhookConfig, ssl_context: ssl.SSLContext | None = None) -> None:
-        self.config = config
+    """Deliveries under one set of limits (the DSGW_WEBHOOK_* settings)."""
+
+    def __init__(self, settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.allow_private = settings.webhook_allow_private
+        self.connect_timeout_s = settings.webhook_connect_timeout_ms / 1000
+        self.timeout_s = settings.webhook_timeout_ms / 1000
+        self.max_response_bytes = settings.webhook_max_response_bytes
+        self.max_payload_bytes = settings.webhook_max_payload_bytes
         # Certificates are verified against the system's CAs; tests pass their own.
         self.ssl_context = ssl_context or ssl.create_default_context()
-        self.semaphore = asyncio.Semaphore(config.max_concurrency)
+        self.semaphore = asyncio.Semaphore(max(1, settings.webhook_max_concurrency))
 
     async def deliver(self, url: str, body: bytes, headers: dict[str, str]) -> DeliveryResult:
-        if len(body) > self.config.max_payload_bytes:
+        if len(body) > self.max_payload_bytes:
             return DeliveryResult(None, False, f"payload of {len(body)} bytes over the limit")
         try:
-            check_callback_url(url, self.config.allow_private)
+            check_callback_url(url, self.allow_private)
         except WebhookUrlRejected as exc:
             return DeliveryResult(None, False, f"url rejected: {exc.message}")
         async with self.semaphore:
             seen = _Exchange()
             try:
-                async with asyncio.timeout(self.config.timeout_s):
+                async with asyncio.timeout(self.timeout_s):
                     await self._exchange(url, body, headers, seen)
             except TimeoutError:
                 if seen.status is None or not 200 <= seen.status < 300:
@@ -135,7 +120,7 @@ class WebhookClient:
         host = parts.hostname or ""
         tls = parts.scheme.lower() == "https"
         port = parts.port or (443 if tls else 80)
-        addresses = await resolve_target(host, port, self.config.allow_private)
+        addresses = await resolve_target(host, port, self.allow_private)
         reader, writer = await self._connect(addresses, port, host if tls else None)
         try:
             conn = h11.Connection(h11.CLIENT)
@@ -169,7 +154,7 @@ class WebhookClient:
         last: BaseException | None = None
         for address in addresses:
             try:
-                async with asyncio.timeout(self.config.connect_timeout_s):
+                async with asyncio.timeout(self.connect_timeout_s):
                     return await asyncio.open_connection(
                         address,
                         port,
@@ -185,7 +170,7 @@ class WebhookClient:
     async def _read_response(
         self, conn: h11.Connection, reader: asyncio.StreamReader, seen: _Exchange
     ) -> None:
-        limit = self.config.max_response_bytes
+        limit = self.max_response_bytes
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -208,7 +193,7 @@ _default: WebhookClient | None = None
 def configure(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> WebhookClient:
     """Set the process's client from settings (called once at startup)."""
     global _default
-    _default = WebhookClient(WebhookConfig.from_settings(settings), ssl_context)
+    _default = WebhookClient(settings, ssl_context)
     return _default
 
 

@@ -6,6 +6,7 @@ and TLS SNI kept as the name."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.subscriptions.webhook import DeliveryResult, WebhookClient, WebhookConfig
+from gateway.settings import Settings
+from gateway.subscriptions.webhook import DeliveryResult, WebhookClient
 
 # A test that would hang without the behaviour under test fails after this instead.
 GUARD_S = 30
@@ -106,8 +108,14 @@ async def receivers() -> AsyncIterator[Callable[..., Awaitable[Receiver]]]:
         await receiver.close()
 
 
-def client(**config: object) -> WebhookClient:
-    return WebhookClient(WebhookConfig(**{"allow_private": True, "timeout_s": 5.0, **config}))  # type: ignore[arg-type]
+def limits(**overrides: object) -> Settings:
+    """Settings with webhook_<name>=value for each override (private targets allowed unless said)."""
+    values = {"allow_private": True, "timeout_ms": 5_000, **overrides}
+    return dataclasses.replace(Settings(), **{f"webhook_{k}": v for k, v in values.items()})  # type: ignore[arg-type]
+
+
+def client(**overrides: object) -> WebhookClient:
+    return WebhookClient(limits(**overrides))
 
 
 async def deliver(
@@ -192,7 +200,7 @@ async def test_a_slow_receiver_times_out(receivers) -> None:  # type: ignore[no-
         await stall.wait()
 
     r = await receivers(silent)
-    result = await deliver(client(timeout_s=0.3), r.url())
+    result = await deliver(client(timeout_ms=300), r.url())
     assert result == DeliveryResult(None, False, "timed out")
     assert len(r.requests) == 1
 
@@ -203,7 +211,7 @@ async def test_a_slow_receiver_times_out(receivers) -> None:  # type: ignore[no-
         await stall.wait()
 
     r = await receivers(slow_body)
-    assert await deliver(client(timeout_s=0.3), r.url()) == DeliveryResult(200, False, None)
+    assert await deliver(client(timeout_ms=300), r.url()) == DeliveryResult(200, False, None)
 
 
 async def test_a_huge_response_is_read_only_up_to_the_bound(receivers) -> None:  # type: ignore[no-untyped-def]
@@ -294,7 +302,7 @@ async def test_tls_sni_and_certificate_check_use_the_name(receivers, resolve_nam
     server_ctx.sni_callback = lambda sock, name, ctx: seen_sni.append(name)  # type: ignore[assignment,misc]
     r = await receivers(reply(200, b'{"done": true}'), ssl_context=server_ctx)
     client_ctx = ssl.create_default_context(cafile=str(cert))
-    tls_client = WebhookClient(WebhookConfig(allow_private=True, timeout_s=5.0), client_ctx)
+    tls_client = WebhookClient(limits(), client_ctx)
     resolve_names["hooks.tls.test"] = "127.0.0.1"
     resolve_names["other.tls.test"] = "127.0.0.1"
 
@@ -315,7 +323,7 @@ async def test_concurrency_is_bounded_per_client(receivers) -> None:  # type: ig
         await reply(200, b'{"done": true}')(request, writer)
 
     r = await receivers(held)
-    bounded = client(max_concurrency=2, timeout_s=GUARD_S)
+    bounded = client(max_concurrency=2, timeout_ms=GUARD_S * 1000)
     tasks = [asyncio.create_task(bounded.deliver(r.url(), b"{}", {})) for _ in range(5)]
     deadline = asyncio.get_running_loop().time() + GUARD_S
     while r.open_now < 2:
