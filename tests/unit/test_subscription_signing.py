@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import time
+from pathlib import Path
 
 import fakeredis
 import jwt
@@ -191,3 +192,21 @@ async def test_key_holder_reloads_after_its_interval(redis: fakeredis.FakeAsyncR
     assert added.kid in {k["kid"] for k in (await holder.get(redis)).jwks()["keys"]}
     cached = signing.KeyHolder(refresh_s=3600)
     assert (await cached.get(redis)) is (await cached.get(redis))
+
+
+async def test_the_readme_receiver_snippet_verifies_a_signature(redis: fakeredis.FakeAsyncRedis) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Webhooks: signatures") :]
+    snippet = section[section.index("```python\n") + len("```python\n") : section.index("```\n", 10)]
+    namespace: dict[str, object] = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    verify = namespace["verify"]
+
+    keys = await load_keys(redis)
+    jwks = json.loads(json.dumps(keys.jwks()))
+    body = b'{"subscription_id":"sub-1","wake_id":"w_9"}'
+    header = keys.signature_header(body, int(time.time()))
+    assert verify(body, header, jwks)  # type: ignore[operator]
+    assert not verify(body.replace(b"w_9", b"w_8"), header, jwks)  # type: ignore[operator]
+    assert not verify(body, keys.signature_header(body, int(time.time()) - 600), jwks)  # type: ignore[operator]
+    assert not verify(body, header, {"keys": []})  # type: ignore[operator]
