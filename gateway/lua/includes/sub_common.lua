@@ -1,0 +1,146 @@
+-- Shared helpers of the subscription scripts (sub_*.lua), pasted in front by
+-- gateway/scripts.py after common.lua. Every one of them takes the keys of one subscription
+-- (one slot: they share its hash tag, see gateway/keys.py):
+--   KEYS[1] def (HASH)    type, pattern, url, wake_stream, ttl (lease ms), desc, hash, created (ms)
+--   KEYS[2] links (HASH)  stream path -> 'e', 'g' or 'eg' (explicit, glob)
+--   KEYS[3] acked (HASH)  stream path -> acked offset (inclusive; '-1' before the first entry)
+--   KEYS[4] tails (HASH)  stream path -> newest tail offset the gateways saw
+--   KEYS[5] state (HASH)  gen (generation), wake (current wake id, '' none), holder (pull-wake
+--                         worker), lease (lease end, ms), due (delivery due at, ms: the webhook
+--                         POST or the wake event still to send), trig (stream that woke it),
+--                         snap (JSON path -> tail of the wake), retries, status, expiries
+-- Offsets are fixed-width strings: byte order is offset order.
+
+-- Needs common.lua pasted first (int_str, now_ms, bytes_le, load_meta).
+
+local function bytes_lt(a, b)
+  return not bytes_le(b, a)
+end
+
+local function hash(key)
+  return load_meta(key) or {}
+end
+
+-- Record tails the caller saw (ARGV pairs path, tail from `first`), only forward.
+local function raise_tails(first)
+  for i = first, #ARGV - 1, 2 do
+    local path, tail = ARGV[i], ARGV[i + 1]
+    if redis.call('HEXISTS', KEYS[2], path) == 1 then
+      local known = redis.call('HGET', KEYS[4], path)
+      if not known or bytes_lt(known, tail) then
+        redis.call('HSET', KEYS[4], path, tail)
+      end
+    end
+  end
+end
+
+-- The first linked stream whose tail is past its cursor, and the tails of all.
+local function pending()
+  local links = redis.call('HKEYS', KEYS[2])
+  local acked, tails = hash(KEYS[3]), hash(KEYS[4])
+  local first = nil
+  local snap = {}
+  for _, path in ipairs(links) do
+    local tail = tails[path]
+    if tail then
+      snap[path] = tail
+      if not first and bytes_lt(acked[path] or '-1', tail) then
+        first = path
+      end
+    end
+  end
+  return first, snap
+end
+
+-- When a replica must look at this subscription next ('' = only the sweep).
+local function next_due(st)
+  local due = ''
+  for _, v in ipairs({st.lease or '', st.due or ''}) do
+    if v ~= '' and (due == '' or tonumber(v) < tonumber(due)) then
+      due = v
+    end
+  end
+  return due
+end
+
+local function clear_wake()
+  redis.call('HSET', KEYS[5], 'wake', '', 'holder', '', 'lease', '', 'due', '', 'snap', '{}', 'trig', '')
+end
+
+-- A new wake when work is pending and none is in flight: a new generation and
+-- wake id. The caller delivers it at once (webhook POST or wake event); `due`
+-- is when another replica takes the delivery over should the caller die.
+-- Returns the stream that woke it, or nil.
+local function try_wake(now, wake_id, claim_ms)
+  local st = hash(KEYS[5])
+  if (st.wake or '') ~= '' or (st.holder or '') ~= '' then
+    return nil
+  end
+  local first, snap = pending()
+  if not first then
+    return nil
+  end
+  local def = hash(KEYS[1])
+  local gen = (tonumber(st.gen) or 0) + 1
+  local fields = {'gen', int_str(gen), 'wake', wake_id, 'trig', first, 'snap', cjson.encode(snap),
+    'due', int_str(now + claim_ms), 'holder', '', 'lease', ''}
+  if def.type == 'webhook' then
+    fields[#fields] = int_str(now + tonumber(def.ttl))
+  end
+  redis.call('HSET', KEYS[5], unpack(fields))
+  return first
+end
+
+-- Lease over: clear the holder and the wake (their tokens are fenced from now
+-- on). A webhook wake whose delivery is still being retried keeps its lease
+-- running only once delivered: the retry schedule decides when it is sent.
+local function expire_lease(now, st)
+  if (st.lease or '') == '' or now < tonumber(st.lease) then
+    return false
+  end
+  if (st.due or '') ~= '' and (st.holder or '') == '' and hash(KEYS[1]).type == 'webhook' then
+    return false
+  end
+  clear_wake()
+  redis.call('HINCRBY', KEYS[5], 'expiries', 1)
+  return true
+end
+
+-- The definition, or nil and the reply refusing the request: no such
+-- subscription, or not of the required type ('' = any).
+local function load_def(required_type)
+  local def = hash(KEYS[1])
+  if not def.type then
+    return nil, {'missing'}
+  end
+  if required_type ~= '' and def.type ~= required_type then
+    return nil, {'wrong_type'}
+  end
+  return def, nil
+end
+
+-- Fencing (PROTOCOL.md 7.3): the token's and the request's generation and
+-- wake id must be the current wake's (a pull-wake wake must also be claimed).
+-- An expired lease is expired first, so its holder is fenced.
+local function fenced(now, def, token_gen, token_wake, req_gen, req_wake)
+  local st = hash(KEYS[5])
+  if expire_lease(now, st) then
+    return true
+  end
+  local gen = st.gen or '0'
+  if (st.wake or '') == '' or token_gen ~= gen or req_gen ~= gen or token_wake ~= st.wake
+      or req_wake ~= st.wake then
+    return true
+  end
+  return def.type == 'pull-wake' and (st.holder or '') == ''
+end
+
+-- After a wake ended: issue the next one if work is pending; the reply.
+local function end_wake(now, def, wake_id, claim_ms)
+  clear_wake()
+  if try_wake(now, wake_id, claim_ms) then
+    local st = hash(KEYS[5])
+    return {'woke', st.gen, st.wake, def.type, st.trig, next_due(st)}
+  end
+  return nil
+end

@@ -1,0 +1,38 @@
+-- sub_claim: a pull-wake worker claims the subscription's current wake (one
+-- is issued if work is pending and none is in flight) and takes the lease.
+--
+-- Input:
+--   KEYS[1..5] def, links, acked, tails, state of the subscription
+--   ARGV[1] worker name   ARGV[2] a fresh wake id (used only if a wake is issued)
+--   ARGV[3..] pairs: linked stream path, its tail now (refreshes the known tails)
+--
+-- Output:
+--   {'ok', generation, wake id, lease ttl ms, lease end}   claimed
+--   {'claimed', current holder, generation}                another worker holds the lease
+--   {'no_work'} | {'missing'} | {'wrong_type'}
+
+-- @include common
+-- @include sub_common
+
+local def, refused = load_def('pull-wake')
+if not def then
+  return refused
+end
+local now = now_ms()
+raise_tails(3)
+local st = hash(KEYS[5])
+expire_lease(now, st)
+st = hash(KEYS[5])
+if (st.holder or '') ~= '' then
+  return {'claimed', st.holder, st.gen}
+end
+if (st.wake or '') == '' then
+  -- No takeover delay: the wake is claimed in this same step, nothing to deliver.
+  if not try_wake(now, ARGV[2], 0) then
+    return {'no_work'}
+  end
+  st = hash(KEYS[5])
+end
+local lease = int_str(now + tonumber(def.ttl))
+redis.call('HSET', KEYS[5], 'holder', ARGV[1], 'lease', lease, 'due', '')
+return {'ok', st.gen, st.wake, def.ttl, lease}

@@ -1,0 +1,139 @@
+"""Subscription state in Redis: the sub_*.lua transitions (one script per
+transition, each on one subscription's slot) and the reads around them.
+
+Keys: gateway/keys.py (subscription_keys, SUBSCRIPTIONS, SUB_TIMERS, ...).
+Every transition that can leave work for later (a lease, a delivery to take
+over, a retry) is followed by `arm(id, due)`: ZADD LT on the timers ZSET, so
+the entry only ever moves earlier; the timer loop (dispatch.py) claims due
+entries by re-scoring them. Before a transition that may issue a wake, the
+caller arms the timer first (`arm(id, now + TAKEOVER_MS)`), so that a replica
+dying between the script and the delivery leaves a timer behind."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from .. import keys
+from ..offsets import ZERO_OFFSET, entry_id_to_offset
+from ..scripts import script_sha, script_source
+
+# After issuing a wake, the issuing replica delivers it at once; another
+# replica takes the delivery over after this long (a webhook delivery takes at
+# most DSGW_WEBHOOK_TIMEOUT_MS, 10 s by default).
+TAKEOVER_MS = 15_000
+# A timer entry claimed by a replica falls due again after this long.
+TIMER_VISIBILITY_MS = 15_000
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def new_wake_id() -> str:
+    return "w_" + secrets.token_hex(8)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class SubState:
+    """Redis access for subscriptions, over the gateway's mux (standalone or cluster)."""
+
+    def __init__(self, mux: Any) -> None:
+        self.mux = mux
+
+    async def script(self, name: str, key_list: list[str], args: list[Any]) -> Any:
+        command = ("EVALSHA", script_sha(name), len(key_list), *key_list, *args)
+        try:
+            return await self.mux.run(command, key_list[0], False)
+        except NoScriptError:
+            await self.mux.execute("SCRIPT", "LOAD", script_source(name), key=key_list[0])
+            return await self.mux.run(command, key_list[0], False)
+
+    async def sub(self, name: str, sub_id: str, args: list[Any]) -> list[Any]:
+        reply = await self.script(name, keys.subscription_keys(sub_id).all, args)
+        return [text(x) for x in reply] if isinstance(reply, list) else [text(reply)]
+
+    async def execute(self, *command: Any, key: str) -> Any:
+        return await self.mux.execute(*command, key=key)
+
+    # --- timers -----------------------------------------------------------------
+
+    async def arm(self, sub_id: str, due: str | int) -> None:
+        if due == "" or due is None:
+            return
+        await self.execute("ZADD", keys.SUB_TIMERS, "LT", int(due), sub_id, key=keys.SUB_TIMERS)
+
+    async def take_timers(self, limit: int) -> list[str]:
+        reply = await self.script(
+            "sub_timers_take", [keys.SUB_TIMERS], [now_ms(), TIMER_VISIBILITY_MS, limit]
+        )
+        return [text(x) for x in reply]
+
+    # --- reads --------------------------------------------------------------------
+
+    async def hash(self, key: str) -> dict[str, str]:
+        flat = await self.execute("HGETALL", key, key=key)
+        return {text(flat[i]): text(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    async def load(self, sub_id: str) -> dict[str, Any] | None:
+        """Definition, links, cursors, tails and state of one subscription, or None."""
+        k = keys.subscription_keys(sub_id)
+        definition = await self.hash(k.definition)
+        if not definition:
+            return None
+        links, acked, tails, state = (
+            await self.hash(k.links),
+            await self.hash(k.acked),
+            await self.hash(k.tails),
+            await self.hash(k.state),
+        )
+        return {"def": definition, "links": links, "acked": acked, "tails": tails, "state": state}
+
+    async def ids(self) -> list[str]:
+        return sorted(
+            text(x) for x in await self.execute("SMEMBERS", keys.SUBSCRIPTIONS, key=keys.SUBSCRIPTIONS)
+        )
+
+    async def stream_tail(self, name: str) -> str | None:
+        """The stream's tail as a DS offset, or None when it does not exist."""
+        sk = keys.stream_keys(name)
+        raw = await self.execute("HGET", sk.meta, "tail", key=sk.meta)
+        return None if raw is None else entry_id_to_offset(raw)
+
+    async def stream_tails(self, names: list[str]) -> dict[str, str]:
+        """Tails of existing streams (missing ones left out); pipelined by the mux."""
+        import asyncio
+
+        found = await asyncio.gather(*(self.stream_tail(n) for n in names))
+        return {n: t for n, t in zip(names, found, strict=True) if t is not None}
+
+    # --- links between streams and subscriptions --------------------------------
+
+    async def link(self, sub_id: str, kind: str, paths: list[str], start_new_at: str | None = None) -> bool:
+        """Link `paths` (kind 'e' or 'g'). The stream's own link set first, so an
+        append from now on queues a wake; then the cursor at the tail read after
+        that (or `start_new_at`). False if the subscription does not exist."""
+        import asyncio
+
+        await asyncio.gather(*(self._stream_link(p, sub_id) for p in paths))
+        tails = await self.stream_tails(paths)
+        args: list[Any] = [kind]
+        for p in paths:
+            tail = tails.get(p, ZERO_OFFSET)
+            args += [p, start_new_at if start_new_at is not None else tail, tail]
+        reply = await self.sub("sub_link", sub_id, args)
+        return reply[0] == "ok"
+
+    async def _stream_link(self, path: str, sub_id: str) -> None:
+        sk = keys.stream_keys(path)
+        await self.execute("SADD", sk.subs, sub_id, key=sk.subs)
+
+    async def stream_unlink(self, path: str, sub_id: str) -> None:
+        sk = keys.stream_keys(path)
+        await self.execute("SREM", sk.subs, sub_id, key=sk.subs)
