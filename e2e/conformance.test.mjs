@@ -8,4 +8,6 @@ const baseUrl = process.env.CONFORMANCE_TEST_URL
 if (!baseUrl) {
   throw new Error("CONFORMANCE_TEST_URL is required (make conformance sets it)")
 }
-runConformanceTests({ baseUrl })
+// The suite's optional subscription tests ("Reserved subscription APIs") are
+// on: the server must then allow webhooks to loopback (DSGW_WEBHOOK_ALLOW_PRIVATE).
+runConformanceTests({ baseUrl, subscriptions: true })

@@ -1,13 +1,20 @@
-"""The official conformance suite, pinned at 0.3.6, over real HTTP against a
-gateway process on a real redis-server."""
+"""The official conformance suite, pinned at 0.3.6 with its optional
+subscription tests, over real HTTP against a gateway process on a real
+redis-server."""
 
 from __future__ import annotations
 
-from e2e.conformance import EXPECTED_TESTS, run_suite
+from e2e.conformance import EXPECTED_TESTS, GATEWAY_ENV, run_suite
+from tests.conftest import start_gateway
 
 
-def test_official_conformance_suite_passes_completely(gateway):
-    result = run_suite(gateway.url, quiet=True)
+def test_official_conformance_suite_passes_completely(redis_server, tmp_path):
+    # Its own gateway: the subscription tests' webhook receiver is on loopback.
+    gateway = start_gateway(redis_server.url, tmp_path, **GATEWAY_ENV)
+    try:
+        result = run_suite(gateway.url, quiet=True)
+    finally:
+        gateway.stop()
     print(result.summary())
     assert result.failures == []
     assert (result.passed, result.failed) == (EXPECTED_TESTS, 0)
