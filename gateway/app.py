@@ -32,6 +32,7 @@ from .routes import STREAM_PREFIX, StreamRoutes
 from .settings import Settings
 from .store import Store
 from .sweeper import sweep_forks_forever
+from .tiering.history import History
 
 log = logging.getLogger("dsgw.app")
 access = logging.getLogger("dsgw.access")
@@ -61,7 +62,8 @@ CORS_ALLOW_HEADERS = (
 CORS_EXPOSE_HEADERS = (
     "stream-next-offset, stream-up-to-date, stream-closed, stream-cursor, stream-ttl, "
     "stream-expires-at, stream-sse-data-encoding, producer-epoch, producer-seq, "
-    "producer-expected-seq, producer-received-seq, etag, location, content-type, x-request-id"
+    "producer-expected-seq, producer-received-seq, etag, location, content-type, x-request-id, "
+    "stream-earliest-offset, stream-hot-offset"
 )
 
 
@@ -100,6 +102,13 @@ class Gateway:
             max_producers=s.max_producers_per_stream,
             producer_idle_s=s.producer_idle_s,
         )
+        if s.history_database_url:
+            # Connects on the first cold read: no Postgres needed to start.
+            self.store.history = History(
+                s.history_database_url,
+                timeout_s=s.history_timeout_ms / 1000,
+                max_connections=s.history_max_connections,
+            )
         self.hub = LiveHub(self.redis, recheck_s=s.live_recheck_ms / 1000, sharded=target.sharded_pubsub)
         log.info(
             "connected to redis",
@@ -130,6 +139,8 @@ class Gateway:
         if self._fork_sweeper:
             self._fork_sweeper.cancel()
         await self.hub.stop()
+        if self.store.history:
+            await self.store.history.close()
         await self.target.close()
 
 

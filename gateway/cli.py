@@ -438,6 +438,9 @@ def info(
                   "forked_from", "fork_offset", "stream_seq", "synced_to_postgres"):  # fmt: skip
         overview.append([field, "" if data[field] is None else str(data[field])])
     overview.append(["forks", ", ".join(data["forks"])])
+    for label, key in (("hot range (Redis)", "hot_range"), ("cold range (Postgres)", "cold_range")):
+        span = data[key]
+        overview.append([label, f"{span['from']} .. {span['to']}" if span else "(none)"])
     if data["sink"]:
         overview.append(["sink backlog (shard)", str(data["sink"].get("backlog"))])
         overview.append(["sink oldest age ms", str(data["sink"].get("oldest_age_ms"))])

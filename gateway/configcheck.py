@@ -104,6 +104,8 @@ async def check(mask: Callable[[str], str]) -> dict[str, Any]:
                 settings[key] = mask(redis_url if key == "redis_url" else database_url) or "(not set)"
     if gateway.get("auth_jwt_secret"):
         gateway["auth_jwt_secret"] = "***"  # a secret is never printed
+    if gateway.get("history_database_url"):
+        gateway["history_database_url"] = mask(gateway["history_database_url"])  # may hold a password
 
     if redis_url:
         problems += await check_redis(redis_url, mask)

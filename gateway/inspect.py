@@ -89,8 +89,24 @@ async def stream_info(redis: Redis, name: str) -> dict[str, Any] | None:
         "producers": sorted(producers, key=lambda p: p["id"]),
         "stream_seq": m.get("sseq"),
         "synced_to_postgres": m.get("sink") == "1",
+        **tier_ranges(meta, m.get("synced")),
         "sink": await shard_sink_lag(redis, keys.feed) if m.get("sink") == "1" else None,
         "keys": {"meta": keys.meta, "data": keys.data, "producers": keys.producers, "feed": keys.feed},
+    }
+
+
+def tier_ranges(meta: StreamMeta, synced: str | None) -> dict[str, Any]:
+    """Where a stream's messages are (tiered history, issue 11), as offset
+    ranges (from, to]: reading from `from` returns the range's first message.
+    hot: still in Redis, after the trim point; cold: trimmed from Redis, read
+    from Postgres stream_history (None while nothing was trimmed)."""
+    hot_from = meta.trim or meta.base
+    return {
+        "hot_range": {"from": format_offset(hot_from), "to": meta.tail_offset},
+        "cold_range": {"from": format_offset(meta.base), "to": format_offset(meta.trim)}
+        if meta.trim
+        else None,
+        "synced_offset": format_offset(parse_entry_id(synced)) if synced else None,
     }
 
 

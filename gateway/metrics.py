@@ -53,6 +53,18 @@ LIVE_REFUSED = Counter(
 SSE_CUT_OFF = Counter(
     "dsgw_sse_cut_off_total", "SSE readers cut off for taking no data for DSGW_SSE_SEND_TIMEOUT_MS"
 )
+# Tiered history (gateway/tiering/): reads below a stream's trim point. No
+# per-stream labels (unbounded); a stream's hot and cold ranges are in HEAD
+# and `dsgw info`.
+COLD_READS = Counter("dsgw_cold_reads_total", "Reads (chunks) served from the Postgres history")
+COLD_READ_BYTES = Counter(
+    "dsgw_cold_read_bytes_total", "Body bytes of reads served from the Postgres history"
+)
+COLD_READ_ERRORS = Counter(
+    "dsgw_cold_read_errors_total",
+    "Reads below the trim point not served: no_history (410), unavailable (503), missing rows (503)",
+    ["reason"],
+)
 LIVE_READERS_LONG_POLL = LIVE_READERS.labels("long-poll")
 LIVE_READERS_SSE = LIVE_READERS.labels("sse")
 

@@ -25,6 +25,7 @@ from .offsets import ZERO_ID, BadOffset, EntryId, format_offset, parse_offset
 from .protocol import ProblemError, bad_request, next_cursor, sse_needs_base64
 from .ratelimit import live_slot
 from .store import ReadResult
+from .tiering.cold import retained_headers
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -79,6 +80,7 @@ class StreamReads:
             headers.append((b"stream-expires-at", meta.expires_at.encode("latin-1")))
         if meta.closed:
             headers.append((b"stream-closed", b"true"))
+        headers += retained_headers(meta.trim, self.gw.store.history is not None)
         return Reply(200, headers)
 
     # --- GET ---------------------------------------------------------------------

@@ -69,15 +69,17 @@ class Scripts:
 
     async def call_range(
         self,
-        data_key: str,
+        keys: tuple[str, str],
         after: EntryId,
         upper: EntryId | None,
         max_bytes: int,
         max_entries: int,
         json: bool,
-    ) -> tuple[bytes, bytes, int]:
-        """read_range.lua: (body, last entry ID, count) of one data stream slice."""
+    ) -> list[Any]:
+        """read_range.lua on (data key, meta key) of one stream: ['hot', body,
+        last entry ID, count] of the slice, or ['cold', trim, base] when the
+        slice starts below the stream's trim point."""
         args = [entry_id_str(after), entry_id_str(upper) if upper else "+", max_bytes, max_entries,
                 "1" if json else ""]  # fmt: skip
-        body, last, count = await self.call("read_range", [data_key], args, changes_nothing=True)
-        return body, last, count
+        reply: list[Any] = await self.call("read_range", list(keys), args, changes_nothing=True)
+        return reply

@@ -21,6 +21,11 @@ def _list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()] if raw else default
 
 
+def _history_url() -> str:
+    url = _str("DSGW_HISTORY_DATABASE_URL", "") or _str("DATABASE_URL", "")
+    return "" if url == "-" else url
+
+
 @dataclass(frozen=True)
 class Settings:
     # Where the streams live. Empty: `dsgw dev` / `make run` start an embedded Redis.
@@ -105,6 +110,13 @@ class Settings:
     webhook_keys_refresh_s: int = 60
     # The web console at /console (gateway/console.py); its data behind auth when auth is on.
     console: bool = True
+    # Tiered history (gateway/tiering/): the Postgres database holding
+    # stream_history, where reads below a stream's trim point are served from.
+    # DSGW_HISTORY_DATABASE_URL, else DATABASE_URL; empty or "-": none, such
+    # reads answer 410. Its timeout (connect and query, then 503) and pool size.
+    history_database_url: str = ""
+    history_timeout_ms: int = 5_000
+    history_max_connections: int = 4
 
     def __post_init__(self) -> None:
         if self.auth_jwt_secret and len(self.auth_jwt_secret.encode()) < 32:
@@ -169,6 +181,9 @@ class Settings:
             ),
             webhook_keys_refresh_s=env_int("DSGW_WEBHOOK_KEYS_REFRESH_S", cls.webhook_keys_refresh_s),
             console=_str("DSGW_CONSOLE", "true").lower() in ("1", "true", "yes"),
+            history_database_url=_history_url(),
+            history_timeout_ms=env_int("DSGW_HISTORY_TIMEOUT_MS", cls.history_timeout_ms),
+            history_max_connections=env_int("DSGW_HISTORY_MAX_CONNECTIONS", cls.history_max_connections),
         )
 
     def describe(self) -> dict[str, object]:

@@ -15,6 +15,8 @@ from .offsets import ZERO_ID, EntryId, entry_id_str, format_offset, parse_entry_
 from .protocol import JSON_MEDIA_TYPE, ProblemError, bad_request, is_json
 from .redis_mux import Mux
 from .scripts import Scripts
+from .tiering.cold import read_cold
+from .tiering.history import History
 
 
 @dataclass(slots=True)
@@ -39,6 +41,10 @@ class StreamMeta:
     expires_ms: int | None = None
     source: str | None = None
     fork_offset: EntryId | None = None
+    # Tiered history: entries up to `trim` left Redis (None: nothing did);
+    # this incarnation of the stream has no entries at or below `base`.
+    trim: EntryId | None = None
+    base: EntryId = ZERO_ID
 
     @property
     def tail_offset(self) -> str:
@@ -114,7 +120,7 @@ def _text(value: bytes | str) -> str:
 def parse_meta(flat: list[Any]) -> StreamMeta:
     """A stream's meta from HGETALL's flat [field, value, ...] reply."""
     m = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
-    fofs, ttl, exp = m.get("fofs"), m.get("ttl"), m.get("exp")
+    fofs, ttl, exp, trim = m.get("fofs"), m.get("ttl"), m.get("exp"), m.get("trim")
     return StreamMeta(
         content_type=m.get("ct", ""),
         media_type=m.get("mt", ""),
@@ -127,6 +133,8 @@ def parse_meta(flat: list[Any]) -> StreamMeta:
         expires_ms=int(exp) if exp else None,
         source=m.get("src"),
         fork_offset=parse_entry_id(fofs) if fofs else None,
+        trim=parse_entry_id(trim) if trim else None,
+        base=parse_entry_id(m.get("base", "0-0")),
     )
 
 
@@ -176,6 +184,8 @@ class Store:
         self.publish_command = publish_command
         # Which JSON streams the Postgres sink receives, decided once at creation.
         self.sink_filter = sink_filter
+        # Where reads below a stream's trim point go (gateway/tiering/); None: 410.
+        self.history: History | None = None
 
     # --- writes ---------------------------------------------------------------
 
@@ -455,6 +465,16 @@ class Store:
         if status == "fork":
             assert after is not None
             return await self._read_fork(name, parse_meta(reply[1]), after, max_bytes, max_entries)
+        if status == "cold":
+            assert after is not None
+            meta = parse_meta(reply[3])
+            trim, base = parse_entry_id(reply[1]), parse_entry_id(reply[2])
+            rows = await read_cold(
+                self.history, name, after, trim, trim, base, max_bytes, max_entries, json=meta.json
+            )
+            assert rows.last is not None
+            # Stops at trim at the latest: the next read continues in Redis.
+            return ReadResult(meta, rows.body, rows.count, rows.last)
         await self._raise_missing(name, status, reply)
         raise AssertionError(status)  # _raise_missing raised
 
@@ -475,14 +495,30 @@ class Store:
         count = 0
         last = after
         segments = await self._inherited_segments(meta.source, after, meta.fork_offset)
-        segments.append((stream_keys(name).data, max(after, meta.fork_offset), None))
-        for data_key, start, end in segments:
+        segments.append((name, max(after, meta.fork_offset), None))
+        for segment, start, end in segments:
             if count >= max_entries or sum(len(p) for p in parts) >= max_bytes:
                 break
             budget = max(1, max_bytes - sum(len(p) for p in parts))
-            body, last_id, n = await self.scripts.call_range(
-                data_key, start, end, budget, max_entries - count, meta.json
+            keys = stream_keys(segment)
+            reply = await self.scripts.call_range(
+                (keys.data, keys.meta), start, end, budget, max_entries - count, meta.json
             )
+            if reply[0] == b"cold":
+                # This part of the chain left Redis: read it from the history, up to
+                # its trim point (or the segment's end); the next read goes on in Redis.
+                trim, base = parse_entry_id(reply[1]), parse_entry_id(reply[2])
+                upper = trim if end is None else min(trim, end)
+                rows = await read_cold(
+                    self.history, segment, start, upper, trim, base, budget, max_entries - count,
+                    json=meta.json,
+                )  # fmt: skip
+                assert rows.last is not None
+                parts.append(rows.body)
+                count += rows.count
+                last = rows.last
+                break
+            _, body, last_id, n = reply
             if n:
                 parts.append(body)
                 count += n
@@ -496,7 +532,7 @@ class Store:
     async def _inherited_segments(
         self, source: str, after: EntryId, cap: EntryId
     ) -> list[tuple[str, EntryId, EntryId | None]]:
-        """(data key, read after, up to) along a fork's source chain, oldest first."""
+        """(stream name, read after, up to) along a fork's source chain, oldest first."""
         segments: list[tuple[str, EntryId, EntryId | None]] = []
         current: str | None = source
         upper = cap
@@ -507,7 +543,7 @@ class Store:
             )
             lower = parse_entry_id(fofs) if src and fofs else ZERO_ID
             if upper > lower and upper > after:
-                segments.append((stream_keys(current).data, max(after, lower), upper))
+                segments.append((current, max(after, lower), upper))
             if not src or after >= lower:
                 break
             current, upper = _text(src), min(upper, lower)
@@ -522,11 +558,12 @@ class Store:
         entries: list[Entry] = []
         if meta.source and meta.fork_offset and after < meta.fork_offset:
             upper = meta.fork_offset if cap is None else min(cap, meta.fork_offset)
-            for data_key, start, end in await self._inherited_segments(meta.source, after, upper):
+            for segment, start, end in await self._inherited_segments(meta.source, after, upper):
                 if len(entries) >= limit:
                     break
                 assert end is not None
-                entries += parse_entries(await self._xrange(data_key, start, end, limit - len(entries)), end)
+                raw = await self._xrange(stream_keys(segment).data, start, end, limit - len(entries))
+                entries += parse_entries(raw, end)
         if len(entries) < limit:
             start = max(after, meta.fork_offset or ZERO_ID)
             raw = await self._xrange(stream_keys(name).data, start, cap, limit - len(entries))

@@ -14,6 +14,9 @@
 --   {'live', meta_flat, body, last_id, count}   last_id '' and count 0: no new data
 --   {'fork', meta_flat}            ARGV[1] lies below the fork offset: the caller
 --                                  reads the inherited data first (read_range.lua)
+--   {'cold', trim, base, meta_flat} ARGV[1] lies below meta `trim`: those entries
+--                                  left Redis; the caller reads (ARGV[1], trim] of
+--                                  this incarnation (above `base`) from Postgres
 --   {'gone', meta_flat}            soft-deleted
 --   {'absent'} | {'expired', src}
 
@@ -40,6 +43,9 @@ if after == '' or bytes_le(id_key(m.tail), id_key(after)) then
 end
 if m.fofs and not bytes_le(id_key(m.fofs), id_key(after)) then
   return {'fork', flat}
+end
+if m.trim and not bytes_le(id_key(m.trim), id_key(after)) then
+  return {'cold', m.trim, m.base or '0-0', flat}
 end
 local body, last, count = collect(KEYS[2], after, '+', tonumber(ARGV[2]), tonumber(ARGV[4]), m.json and ',' or '')
 return {'live', flat, body, last, count}

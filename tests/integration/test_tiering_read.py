@@ -1,0 +1,388 @@
+"""Tiered history, reading side (issue 11): reads below a stream's trim point
+are served from Postgres stream_history, byte for byte as Redis would have
+served them, and continue into Redis without a gap or a duplicate; without
+a history database they answer 410, with an unreachable one 503.
+
+Real Redis, Postgres and gateway processes. The trimming itself is done here
+by hand (`trim_by_hand`: the rows a sink would commit, then XTRIM and meta
+`synced`/`trim`), the way the tiering contract describes it, so these tests
+exercise the reading side on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.embedded import free_port
+from gateway.inspect import stream_info
+from gateway.keys import stream_keys
+from gateway.offsets import entry_id_to_offset
+from tests.conftest import GatewayProcess, start_gateway
+
+JSON = "application/json"
+CHUNK_BYTES = 4096  # small, so that a few dozen messages make many chunks
+CHUNK_ENTRIES = 40
+
+
+@pytest.fixture(scope="module")
+async def pg(postgres_server) -> AsyncIterator[asyncpg.Connection]:
+    from workers.migrate import migrate
+
+    conn = await asyncpg.connect(postgres_server.url)
+    await migrate(conn)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture(scope="module")
+async def r(redis_server) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+def _gateway(redis_server, tmp_path_factory, history_url: str, **env: str) -> Iterator[GatewayProcess]:
+    gw = start_gateway(
+        redis_server.url,
+        tmp_path_factory.mktemp("gw-tier"),
+        DSGW_HISTORY_DATABASE_URL=history_url,
+        DSGW_READ_CHUNK_BYTES=str(CHUNK_BYTES),
+        DSGW_READ_CHUNK_ENTRIES=str(CHUNK_ENTRIES),
+        **env,
+    )
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(redis_server, postgres_server, tmp_path_factory) -> Iterator[GatewayProcess]:
+    """History configured."""
+    yield from _gateway(redis_server, tmp_path_factory, postgres_server.url)
+
+
+@pytest.fixture(scope="module")
+def gw_none(redis_server, tmp_path_factory) -> Iterator[GatewayProcess]:
+    """No history database ("-" also overrides a DATABASE_URL from the environment)."""
+    yield from _gateway(redis_server, tmp_path_factory, "-")
+
+
+@pytest.fixture(scope="module")
+def gw_dead(redis_server, tmp_path_factory) -> Iterator[GatewayProcess]:
+    """History configured, but nothing listens there: Postgres is down."""
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    yield from _gateway(redis_server, tmp_path_factory, dead, DSGW_HISTORY_TIMEOUT_MS="2000")
+
+
+async def trim_by_hand(r: aioredis.Redis, pg: asyncpg.Connection, name: str, keep: int) -> str:
+    """What the sink and the trimmer do (issue 11's contract), by hand: every
+    entry but about the newest `keep` (never cutting an append) becomes a
+    stream_history row, then leaves Redis, and meta `synced`/`trim` say so.
+    Returns the trim point as a DS offset."""
+    keys = stream_keys(name)
+    entries = await r.xrange(keys.data)
+    cut = len(entries) - keep
+    while cut > 0 and b"more" in entries[cut - 1][1]:
+        cut -= 1  # the trim point ends an append
+    assert cut > 0
+    rows = [
+        (name, entry_id_to_offset(eid), int(f.get(b"more", 0)), f[b"json"] if b"json" in f else f[b"data"])
+        for eid, f in entries[:cut]
+    ]
+    await pg.executemany(
+        "INSERT INTO stream_history (stream_name, ds_offset, more, data) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT DO NOTHING",
+        rows,
+    )
+    trim = entries[cut - 1][0].decode()
+    ms, seq = trim.split("-")
+    await r.xtrim(keys.data, minid=f"{ms}-{int(seq) + 1}", approximate=False)
+    await r.hset(keys.meta, mapping={"synced": trim, "trim": trim})
+    assert await r.xlen(keys.data) == len(entries) - cut
+    return entry_id_to_offset(trim)
+
+
+@dataclass
+class Chunk:
+    start: str
+    next: str
+    body: bytes
+    etag: str
+    up_to_date: bool
+
+
+async def catch_up(client: httpx.AsyncClient, url: str, start: str = "-1") -> list[Chunk]:
+    chunks = []
+    offset = start
+    for _ in range(10_000):
+        response = await client.get(url, params={"offset": offset})
+        assert response.status_code == 200, response.text
+        h = response.headers
+        chunk = Chunk(offset, h["stream-next-offset"], response.content, h["etag"], "stream-up-to-date" in h)
+        chunks.append(chunk)
+        if chunk.up_to_date:
+            return chunks
+        assert chunk.next > offset or offset == "-1"
+        offset = chunk.next
+    raise AssertionError("never up to date")
+
+
+def joined(chunks: list[Chunk], json_mode: bool) -> bytes:
+    """All the messages a catch-up returned, as one body (JSON: texts joined by ',')."""
+    if json_mode:
+        return b",".join(c.body[1:-1] for c in chunks if c.body != b"[]")
+    return b"".join(c.body for c in chunks)
+
+
+def json_appends() -> list[bytes]:
+    """Key order, spacing and number digits a jsonb round trip would lose;
+    multi-message appends; messages larger than a chunk."""
+    appends = []
+    for i in range(30):
+        if i % 5 == 0:
+            appends.append(b"[" + b",".join(b'{"n": %d, "part":%d}' % (i, k) for k in range(6)) + b"]")
+        elif i % 7 == 0:
+            appends.append(b'{"big":"' + b"x" * (CHUNK_BYTES * 2 + i) + b'"}')
+        else:
+            appends.append(b'{"z":1,  "a":[1.000000000000000000001, %d], "z":2}' % i)
+    return appends
+
+
+def byte_appends() -> list[bytes]:
+    return [os.urandom(CHUNK_BYTES * 3 if i % 6 == 0 else 100 + i) for i in range(30)]
+
+
+def text_appends() -> list[bytes]:
+    return [f"line {i} é\n".encode() * (700 if i % 8 == 0 else 1) for i in range(30)]
+
+
+async def make_stream(client: httpx.AsyncClient, url: str, content_type: str, appends: list[bytes]) -> None:
+    assert (await client.put(url, headers={"content-type": content_type})).status_code == 201
+    for body in appends:
+        response = await client.post(url, headers={"content-type": content_type}, content=body)
+        assert response.status_code == 204, response.text
+
+
+@pytest.mark.parametrize(
+    ("content_type", "appends"),
+    [(JSON, json_appends()), ("application/octet-stream", byte_appends()), ("text/plain", text_appends())],
+    ids=["json", "bytes", "text"],
+)
+async def test_catch_up_across_the_boundary_is_byte_identical(gw, r, pg, unique, content_type, appends):
+    json_mode = content_type == JSON
+    url = gw.stream_url(unique)
+    async with httpx.AsyncClient(timeout=20) as client:
+        await make_stream(client, url, content_type, appends)
+        hot = await catch_up(client, url)
+        trim = await trim_by_hand(r, pg, unique, keep=8)
+        tiered = await catch_up(client, url)
+
+        assert joined(tiered, json_mode) == joined(hot, json_mode)
+        assert tiered[-1].next == hot[-1].next
+        # Below the trim point the chunks are the very ones Redis served: same
+        # bodies, same next offsets, same ETags, not up to date.
+        cold = [c for c in tiered if c.next <= trim]
+        assert len(cold) >= 2
+        assert cold[-1].next == trim  # the read that reaches trim stops there: the next one is Redis's
+        for before, after in zip(hot, cold[:-1], strict=False):
+            assert (after.start, after.next, after.body, after.etag) == (
+                before.start, before.next, before.body, before.etag
+            )  # fmt: skip
+            assert not after.up_to_date
+        # Any offset below the trim point resumes exactly there.
+        middle = hot[1].next
+        from_middle = await catch_up(client, url, middle)
+        assert joined(from_middle, json_mode) == joined(await catch_up_hot(hot, middle), json_mode)
+
+        head = await client.head(url)
+        assert head.headers["stream-hot-offset"] == trim
+        assert "stream-earliest-offset" not in head.headers  # with history, everything can be read
+
+
+async def catch_up_hot(hot: list[Chunk], start: str) -> list[Chunk]:
+    index = next(i for i, c in enumerate(hot) if c.start == start)
+    return hot[index:]
+
+
+async def trimmed_json_stream(client: httpx.AsyncClient, url: str, r, pg, name: str) -> bytes:  # type: ignore[no-untyped-def]
+    """A JSON stream trimmed to its newest 5 entries; all its messages as one body."""
+    await make_stream(client, url, JSON, json_appends())
+    expected = joined(await catch_up(client, url), True)
+    await trim_by_hand(r, pg, name, keep=5)
+    return expected
+
+
+async def test_long_poll_starting_below_the_boundary(gw, r, pg, unique):
+    url = gw.stream_url(unique)
+    async with httpx.AsyncClient(timeout=20) as client:
+        expected = await trimmed_json_stream(client, url, r, pg, unique)
+        bodies, offset = [], "-1"
+        while True:
+            response = await client.get(url, params={"offset": offset, "live": "long-poll"})
+            assert response.status_code == 200
+            bodies.append(response.content[1:-1])
+            offset = response.headers["stream-next-offset"]
+            if "stream-up-to-date" in response.headers:
+                break
+        assert b",".join(bodies) == expected
+        # Caught up: the next long-poll waits in Redis for the next append (or
+        # times out first, then the following one finds it).
+        task = asyncio.ensure_future(client.get(url, params={"offset": offset, "live": "long-poll"}))
+        await client.post(url, headers={"content-type": JSON}, content=b'{"after":"trim"}')
+        response = await task
+        for _ in range(20):
+            if response.status_code != 204:
+                break
+            response = await client.get(url, params={"offset": offset, "live": "long-poll"})
+        assert response.status_code == 200 and response.content == b'[{"after":"trim"}]'
+
+
+def sse_events(lines: list[str]) -> list[tuple[str, str]]:
+    events, kind, data = [], "", []
+    for line in lines:
+        if line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif line == "" and kind:
+            events.append((kind, "\n".join(data)))
+            kind, data = "", []
+    return events
+
+
+async def test_sse_starting_below_the_boundary(gw, r, pg, unique):
+    url = gw.stream_url(unique)
+    async with httpx.AsyncClient(timeout=20) as client:
+        expected = await trimmed_json_stream(client, url, r, pg, unique)
+        data: list[str] = []
+        lines: list[str] = []
+        async with client.stream("GET", url, params={"offset": "-1", "live": "sse"}) as response:
+            assert response.status_code == 200
+            appended = False
+            async for line in response.aiter_lines():
+                lines.append(line)
+                if line != "":
+                    continue
+                events = sse_events(lines)
+                if not events:
+                    continue
+                kind, payload = events[-1]
+                lines = []
+                if kind == "data":
+                    data.append(payload)
+                elif json.loads(payload).get("upToDate"):
+                    if appended:
+                        break
+                    appended = True
+                    await client.post(url, headers={"content-type": JSON}, content=b'{"after":"trim"}')
+        bodies = [d[1:-1] for d in data]
+        assert ",".join(bodies).encode() == expected + b',{"after":"trim"}'
+
+
+async def test_fork_of_a_trimmed_source_reads_its_history(gw, r, pg, unique):
+    source = gw.stream_url(unique)
+    async with httpx.AsyncClient(timeout=20) as client:
+        await make_stream(client, source, JSON, [b'{"m":%d}' % i for i in range(40)])
+        offsets = [entry_id_to_offset(eid) for eid, _ in await r.xrange(stream_keys(unique).data)]
+        forks = {}
+        # One fork point below the coming trim point, one above it.
+        for label, at in (("low", offsets[10]), ("high", offsets[37])):
+            name = f"{unique}-{label}"
+            response = await client.put(
+                gw.stream_url(name),
+                headers={
+                    "content-type": JSON,
+                    "stream-forked-from": f"/v1/stream/{unique}",
+                    "stream-fork-offset": at,
+                },
+            )
+            assert response.status_code == 201, response.text
+            for i in range(3):
+                await client.post(
+                    gw.stream_url(name), headers={"content-type": JSON}, content=b'{"own":%d}' % i
+                )
+            forks[name] = joined(await catch_up(client, gw.stream_url(name)), True)
+        trim = await trim_by_hand(r, pg, unique, keep=5)
+        assert offsets[10] < trim < offsets[37]
+        for name, before in forks.items():
+            assert joined(await catch_up(client, gw.stream_url(name)), True) == before, name
+        assert forks[f"{unique}-low"].startswith(b'{"m":0},{"m":1}')
+        assert forks[f"{unique}-high"].endswith(b'{"m":37},{"own":0},{"own":1},{"own":2}')
+
+
+async def test_without_history_reads_below_the_trim_point_are_410(gw_none, r, pg, unique):
+    url = gw_none.stream_url(unique)
+    async with httpx.AsyncClient(timeout=20) as client:
+        await make_stream(client, url, JSON, [b'{"m":%d}' % i for i in range(20)])
+        trim = await trim_by_hand(r, pg, unique, keep=5)
+        for params in (
+            {"offset": "-1"},
+            {"offset": "-1", "live": "long-poll"},
+            {"offset": "-1", "live": "sse"},
+        ):
+            response = await client.get(url, params=params)
+            assert response.status_code == 410, params
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.json()["status"] == 410
+            assert response.headers["stream-earliest-offset"] == trim
+        retained = await client.get(url, params={"offset": trim})
+        assert retained.status_code == 200
+        assert retained.json() == [{"m": i} for i in range(15, 20)]
+        head = await client.head(url)
+        assert head.headers["stream-earliest-offset"] == trim
+        assert head.headers["stream-hot-offset"] == trim
+        metrics = (await client.get(f"{gw_none.url}/metrics")).text
+        assert 'dsgw_cold_read_errors_total{reason="no_history"}' in metrics
+
+
+async def test_postgres_down_cold_reads_503_hot_reads_work(gw_dead, gw, r, pg, unique):
+    url = gw_dead.stream_url(unique)
+    async with httpx.AsyncClient(timeout=20) as client:
+        await make_stream(client, url, JSON, [b'{"m":%d}' % i for i in range(20)])
+        trim = await trim_by_hand(r, pg, unique, keep=5)
+        cold = await client.get(url, params={"offset": "-1"})
+        assert cold.status_code == 503
+        assert cold.headers["retry-after"] == "1"
+        assert cold.headers["content-type"] == "application/problem+json"
+        hot = await client.get(url, params={"offset": trim})
+        assert hot.status_code == 200 and len(hot.json()) == 5
+        appended = await client.post(url, headers={"content-type": JSON}, content=b'{"m":20}')
+        assert appended.status_code == 204
+        # The same read through a gateway whose Postgres answers.
+        healthy = await catch_up(client, gw.stream_url(unique))
+        assert joined(healthy, True) == b",".join(b'{"m":%d}' % i for i in range(21))
+        metrics = (await client.get(f"{gw_dead.url}/metrics")).text
+        assert 'dsgw_cold_read_errors_total{reason="unavailable"}' in metrics
+
+
+async def test_info_and_metrics_show_the_tiers(gw, r, pg, unique):
+    url = gw.stream_url(unique)
+    async with httpx.AsyncClient(timeout=20) as client:
+        await make_stream(client, url, JSON, [b'{"m":%d}' % i for i in range(20)])
+        trim = await trim_by_hand(r, pg, unique, keep=5)
+        tail = (await client.head(url)).headers["stream-next-offset"]
+        info = await stream_info(r, unique)
+        assert info is not None
+        assert info["hot_range"] == {"from": trim, "to": tail}
+        assert info["cold_range"]["to"] == trim
+        assert info["cold_range"]["from"] < trim
+        before = _metric((await client.get(f"{gw.url}/metrics")).text, "dsgw_cold_reads_total")
+        chunks = await catch_up(client, url)
+        after_text = (await client.get(f"{gw.url}/metrics")).text
+        cold_chunks = [c for c in chunks if c.next <= trim]
+        assert _metric(after_text, "dsgw_cold_reads_total") - before == len(cold_chunks)
+        assert _metric(after_text, "dsgw_cold_read_bytes_total") > 0
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
