@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__, logs, metrics
 from .console import console_routes
 from .http import ClientGone, Headers, Reply, StreamRequest, problem_reply
+from .layout import LayoutMismatch, check_layout
 from .live import LiveHub
 from .openapi import openapi_routes
 from .redis_client import connect
@@ -93,6 +94,12 @@ class Gateway:
             name=f"dsgw-gateway-{os.getpid()}",
             timeout_s=s.redis_timeout_ms / 1000,
         )
+        try:
+            await check_layout(target.client)  # never re-key a deployment's streams silently
+        except LayoutMismatch as exc:
+            log.error("refusing to start: %s", exc)
+            await target.close()
+            raise
         self.target = target
         self.redis = target.client
         self.store = Store(

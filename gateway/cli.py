@@ -124,6 +124,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     from redis.exceptions import RedisError
     from redis.exceptions import TimeoutError as RedisTimeout
 
+    from .layout import LayoutMismatch
     from .protocol import ProblemError
 
     redis_at = lambda: masked(_using.get("Redis", "?"))  # noqa: E731
@@ -144,6 +145,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise CliError(f"cannot reach {where}: {exc or type(exc).__name__}") from None
     except ProblemError as exc:
         raise CliError(f"{exc.title}{': ' + exc.detail if exc.detail else ''}") from None
+    except LayoutMismatch as exc:
+        raise CliError(f"refusing to start: {exc}") from None
 
 
 # --- running -------------------------------------------------------------------------

@@ -25,12 +25,26 @@ BATCH = 100  # forks looked at per shard and sweep
 
 
 async def sweep_forks_once(store: Store) -> int:
-    """Remove the forks whose deadline has passed; returns how many went."""
-    removed = 0
+    """Remove the forks whose deadline has passed; returns how many went.
+
+    One task whatever the shard count: the ZRANGEBYSCOREs of all shards are
+    issued at once, and the mux (gateway/redis_mux.py) sends them pipelined,
+    one write per Redis node."""
     now_ms = int(time.time() * 1000)
-    for shard in range(SHARDS):
-        key = fork_deadlines_key(shard)
-        due = await store.mux.execute("ZRANGEBYSCORE", key, "-inf", now_ms, "LIMIT", 0, BATCH, key=key)
+    keys = [fork_deadlines_key(shard) for shard in range(SHARDS)]
+    replies = await asyncio.gather(
+        *(
+            store.mux.execute("ZRANGEBYSCORE", key, "-inf", now_ms, "LIMIT", 0, BATCH, key=key)
+            for key in keys
+        ),
+        return_exceptions=True,
+    )
+    removed = 0
+    failed: BaseException | None = None
+    for key, due in zip(keys, replies, strict=True):
+        if isinstance(due, BaseException):
+            failed = due  # one node down: sweep the others' shards anyway
+            continue
         for raw in due:
             name = raw.decode()
             try:
@@ -40,6 +54,10 @@ async def sweep_forks_once(store: Store) -> int:
                 # 410: soft-deleted, kept for forks of its own. Nothing left to do.
                 await store.mux.execute("ZREM", key, name, key=key)
                 removed += 1
+    if failed is not None and not isinstance(failed, RedisError | OSError):
+        raise failed
+    if failed is not None:
+        log.warning("fork sweep skipped shards: %s: %s", type(failed).__name__, failed)
     return removed
 
 

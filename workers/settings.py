@@ -18,8 +18,11 @@ class WorkerSettings:
     # Bytes per sink batch: a batch ends with the entry that reaches this, so
     # a sink holds about this much (plus one entry) however big messages are.
     sink_batch_bytes: int = 16 * 1024 * 1024
-    # How long a sink read blocks waiting for new feed entries.
+    # The longest an idle shard's feed waits between two reads: the bound on
+    # how late the sink notices the first append to an idle shard.
     sink_block_ms: int = 1000
+    # Batches written to Postgres at once (one connection each), whatever the shard count.
+    sink_writers: int = 4
     # Feed entries delivered to a consumer that has not acknowledged them for
     # this long are taken over (the consumer is presumed dead).
     sink_claim_idle_ms: int = 30_000
@@ -50,6 +53,7 @@ class WorkerSettings:
             source_max_append_messages=env_int(
                 "DSGW_SOURCE_MAX_APPEND_MESSAGES", cls.source_max_append_messages
             ),
+            sink_writers=env_int("DSGW_SINK_WRITERS", cls.sink_writers),
             source_max_append_bytes=env_int("DSGW_SOURCE_MAX_APPEND_BYTES", cls.source_max_append_bytes),
             metrics_port=env_int("DSGW_WORKER_METRICS_PORT", cls.metrics_port),
             metrics_host=os.environ.get("DSGW_WORKER_METRICS_HOST", "") or cls.metrics_host,

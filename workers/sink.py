@@ -30,7 +30,6 @@ the entries behind it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -41,10 +40,11 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.json_messages import json_array_elements
 from gateway.keys import SHARDS, feed_key
+from gateway.layout import LayoutMismatch, check_layout
 from gateway.offsets import format_offset, parse_entry_id
 from gateway.redis_client import reset_after
 from gateway.scripts import script_source
@@ -201,6 +201,43 @@ def feed_entries(raw: list[Any]) -> list[FeedEntry]:
     return entries
 
 
+IDLE_FIRST_S = 0.005  # first back-off of a shard found empty; doubles up to DSGW_SINK_BLOCK_MS
+ROUND_S = 0.005  # shortest pause between poll rounds (shards due within it share the round)
+POLL_CHUNK = 512  # commands per pipeline
+PROBE_ENTRIES = 100  # budget of a read of a shard that was idle
+PROBE_BYTES = 64 * 1024
+MAX_IN_FLIGHT_PER_WRITER = 2  # full batches read ahead per writer
+
+
+@dataclass(slots=True)
+class _ShardState:
+    """What the poller knows of one shard's feed."""
+
+    key: str
+    due: float = 0.0  # monotonic time of its next read
+    idle_s: float = 0.0  # its back-off while idle
+    error_s: float = 0.0  # its back-off after a failed batch
+    claim_due: float = 0.0  # when to look for stale entries again
+    busy: bool = False  # a batch of it is queued or being written
+    active: bool = False  # its last read had entries: read a full batch next
+    group_ready: bool = False
+    # Acknowledged entries since its last trim (at start: maybe, by an earlier sink).
+    dirty: bool = True
+
+
+def _trim_point(groups: list[dict[str, Any]], summary: dict[str, Any] | None) -> tuple[int, int] | None:
+    """The MINID below which a feed holds only acknowledged entries."""
+    group = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), None)
+    if group is None:
+        return None
+    if summary and summary["pending"]:
+        min_id = parse_entry_id(summary["min"])
+    else:
+        last = parse_entry_id(group["last-delivered-id"])
+        min_id = (last[0], last[1] + 1)
+    return min_id if min_id > (0, 1) else None
+
+
 class SinkWorker:
     def __init__(self, settings: WorkerSettings, redis: aioredis.Redis, pool: asyncpg.Pool) -> None:
         self.settings = settings
@@ -225,82 +262,211 @@ class SinkWorker:
         return {"status": "ok"}
 
     async def run(self) -> None:
+        """One poller and DSGW_SINK_WRITERS writers, whatever the shard count.
+
+        The poller reads the feeds of every due shard in one pipelined round
+        (redis-py pipelines: one connection per Redis node), never blocking:
+        a shard found empty is read again after a back-off that doubles from
+        IDLE_FIRST_S up to DSGW_SINK_BLOCK_MS, which is therefore the bound on
+        how late the sink notices the first append to an idle shard. A shard
+        that had entries is read again as soon as its batch is written. A
+        shard's batches are written one at a time, in order, by the writers
+        (each holds one Postgres connection); at most MAX_IN_FLIGHT_PER_WRITER
+        full batches per writer are read ahead, so memory stays bounded too.
+        """
         log.info("sink started", extra={"fields": {"consumer": self.consumer, "shards": SHARDS}})
-        await asyncio.gather(*(self._shard_loop(shard) for shard in range(SHARDS)))
+        self._shards = [_ShardState(feed_key(shard)) for shard in range(SHARDS)]
+        self._batches: asyncio.Queue[tuple[int, list[FeedEntry]] | None] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._in_flight = 0
+        self._sink_read_sha = ""
+        writers = [asyncio.create_task(self._writer()) for _ in range(max(1, self.settings.sink_writers))]
+        try:
+            await self._poll_loop()
+        finally:
+            for _ in writers:  # after the batches already read: they are written and acknowledged
+                self._batches.put_nowait(None)
+            await asyncio.gather(*writers, return_exceptions=True)
         log.info("sink stopped", extra={"fields": {"consumer": self.consumer}})
 
-    async def _ensure_group(self, key: str) -> None:
-        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
-            await self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
-
-    async def _shard_loop(self, shard: int) -> None:
-        key = feed_key(shard)
+    async def _poll_loop(self) -> None:
         backoff = Backoff()
-        last_claim = last_trim = 0.0
-        group_ready = False
+        last_trim = 0.0
         while not self.stop.is_set():
+            now = time.monotonic()
             try:
-                if not group_ready:
-                    await self._ensure_group(key)
-                    group_ready = True
-                now = time.monotonic()
-                entries: list[FeedEntry] = []
-                if now - last_claim > CLAIM_EVERY_S:
-                    last_claim = now
-                    entries = await self._take(key, claim=True)
-                    if entries:
-                        log.info(
-                            "claimed stale entries", extra={"fields": {"feed": key, "count": len(entries)}}
-                        )
-                if not entries:
-                    entries = await self._take(key, claim=False)
-                if not entries:
-                    # Nothing waiting: block for the next entry. One only:
-                    # its size is unknown (the next round measures again).
-                    reply: Any = await self.redis.xreadgroup(
-                        GROUP, self.consumer, {key: ">"}, count=1, block=self.settings.sink_block_ms
-                    )
-                    entries = feed_entries(reply[0][1]) if reply else []
-                if entries:
-                    await self._process(shard, key, entries)
-                if now - last_trim > TRIM_EVERY_S:
+                await self._poll_round(now)
+                if now - last_trim >= TRIM_EVERY_S:
                     last_trim = now
-                    await self._trim(shard, key)
-                self.last_progress[shard] = time.monotonic()
+                    await self._trim_dirty()
                 backoff.reset()
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    group_ready = False  # the feed key was deleted: recreate the group
-                else:
-                    log.warning("sink redis error: %s: %s", type(exc).__name__, exc)
-                    await reset_after(self.redis, exc)
-                await backoff.wait(self.stop)
             except (RedisError, OSError) as exc:
                 log.warning("sink cannot reach redis: %s: %s", type(exc).__name__, exc)
                 await reset_after(self.redis, exc)
                 await backoff.wait(self.stop)
+                continue
             except Exception:
-                # A bug must not take the other shards down: log it, back off,
-                # and try again (the batch stays pending, so nothing is lost).
-                log.exception("sink shard %d failed", shard)
+                # A bug must not end the sink: log it, back off, try again
+                # (undelivered entries stay in the feed, delivered ones pending).
+                log.exception("sink poll round failed")
                 await backoff.wait(self.stop)
+                continue
+            await self._sleep_until_due()
 
-    async def _take(self, key: str, *, claim: bool) -> list[FeedEntry]:
-        """The next batch: new entries, or (claim) entries another consumer
-        left unacknowledged for DSGW_SINK_CLAIM_IDLE_MS; at most
-        DSGW_SINK_BATCH entries and DSGW_SINK_BATCH_BYTES (plus one entry)."""
-        reply = await self.redis.execute_command(
-            "EVAL",
-            SINK_READ,
-            1,
-            key,
-            GROUP,
-            self.consumer,
-            max(1, self.settings.sink_batch),
-            max(1, self.settings.sink_batch_bytes),
-            self.settings.sink_claim_idle_ms if claim else "",
-        )
-        return feed_entries(reply or [])
+    async def _sleep_until_due(self) -> None:
+        now = time.monotonic()
+        due = min((s.due for s in self._shards if not s.busy), default=now + 1.0)
+        # At least ROUND_S between rounds, so shards falling due one by one
+        # share a round (one pipeline) instead of one round trip each.
+        delay = min(max(due - now, ROUND_S), self.settings.sink_block_ms / 1000)
+        self._wake.clear()
+        stop = asyncio.ensure_future(self.stop.wait())
+        wake = asyncio.ensure_future(self._wake.wait())
+        await asyncio.wait([stop, wake], timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        wake.cancel()
+
+    def _due_reads(self, now: float) -> list[tuple[int, bool, bool]]:
+        """(shard, full budget, claim) for every shard to read this round."""
+        reads = []
+        room = self.settings.sink_writers * MAX_IN_FLIGHT_PER_WRITER - self._in_flight
+        for shard, state in enumerate(self._shards):
+            if state.busy or state.due > now + ROUND_S:
+                continue
+            if state.active:  # had entries: a full batch, if there is room for one
+                if room <= 0:
+                    continue
+                room -= 1
+            reads.append((shard, state.active, now >= state.claim_due))
+        return reads
+
+    async def _poll_round(self, now: float) -> None:
+        reads = self._due_reads(now)
+        if not reads:
+            return
+        await self._ensure_groups([shard for shard, _, _ in reads if not self._shards[shard].group_ready])
+        if not self._sink_read_sha:
+            self._sink_read_sha = await self.redis.script_load(SINK_READ)
+        replies = await self._pipelined(
+            [
+                (
+                    "EVALSHA", self._sink_read_sha, 1, self._shards[shard].key, GROUP, self.consumer,
+                    *self._budget(full), self.settings.sink_claim_idle_ms if claim else "",
+                )
+                for shard, full, claim in reads
+            ]
+        )  # fmt: skip
+        for (shard, _full, claim), reply in zip(reads, replies, strict=True):
+            self._after_read(shard, claim, reply, now)
+
+    def _budget(self, full: bool) -> tuple[int, int]:
+        """(entries, bytes) of a read: a shard seen idle is probed with a small
+        budget, so a round over many shards holds little at once."""
+        entries, size = max(1, self.settings.sink_batch), max(1, self.settings.sink_batch_bytes)
+        return (entries, size) if full else (min(entries, PROBE_ENTRIES), min(size, PROBE_BYTES))
+
+    def _after_read(self, shard: int, claim: bool, reply: Any, now: float) -> None:
+        state = self._shards[shard]
+        if isinstance(reply, Exception):
+            if isinstance(reply, NoScriptError):
+                self._sink_read_sha = ""  # the node restarted or failed over: load it again
+            elif "NOGROUP" in str(reply):
+                state.group_ready = False  # the feed key was deleted: recreate the group
+            else:
+                log.warning("sink read of %s failed: %s: %s", state.key, type(reply).__name__, reply)
+                state.due = now + 1.0
+            return
+        entries = feed_entries(reply or [])
+        if claim:
+            # Claim again next round while stale entries turn up, else in CLAIM_EVERY_S.
+            state.claim_due = now if entries else now + CLAIM_EVERY_S
+            if entries:
+                log.info(
+                    "claimed stale entries", extra={"fields": {"feed": state.key, "count": len(entries)}}
+                )
+        if entries:
+            state.busy = state.active = True
+            self._in_flight += 1
+            self._batches.put_nowait((shard, entries))
+        elif not claim:
+            state.active = False
+            state.idle_s = min(self.settings.sink_block_ms / 1000, max(IDLE_FIRST_S, state.idle_s * 2))
+            state.due = now + state.idle_s
+            self.last_progress[shard] = now
+
+    async def _writer(self) -> None:
+        while (item := await self._batches.get()) is not None:
+            shard, entries = item
+            state = self._shards[shard]
+            try:
+                await self._process(shard, state.key, entries)
+                self.last_progress[shard] = time.monotonic()
+                state.dirty = True
+                state.idle_s = state.due = 0.0  # read it again at once
+                state.error_s = 0.0
+            except Exception as exc:
+                # Not acknowledged: the entries stay pending and are claimed
+                # again. Back off this shard only; the others go on.
+                if isinstance(exc, RedisError | OSError):
+                    log.warning("sink cannot reach redis: %s: %s", type(exc).__name__, exc)
+                    await reset_after(self.redis, exc)
+                else:
+                    log.exception("sink shard %d failed", shard)
+                state.error_s = min(5.0, max(0.1, state.error_s * 2))
+                state.due = time.monotonic() + state.error_s
+                state.claim_due = 0.0
+            finally:
+                state.busy = False
+                self._in_flight -= 1
+                self._wake.set()
+
+    async def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Replies (or exceptions) of `commands`, sent POLL_CHUNK at a time
+        through one pipeline (a cluster pipeline: one connection per node)."""
+        replies: list[Any] = []
+        for start in range(0, len(commands), POLL_CHUNK):
+            pipe = self.redis.pipeline(transaction=False)
+            for command in commands[start : start + POLL_CHUNK]:
+                pipe.execute_command(*command)
+            replies.extend(await pipe.execute(raise_on_error=False))
+        return replies
+
+    async def _ensure_groups(self, shards: list[int]) -> None:
+        if not shards:
+            return
+        keys = [self._shards[shard].key for shard in shards]
+        replies = await self._pipelined([("XGROUP", "CREATE", key, GROUP, "0", "MKSTREAM") for key in keys])
+        for shard, reply in zip(shards, replies, strict=True):
+            if not isinstance(reply, Exception) or "BUSYGROUP" in str(reply):
+                self._shards[shard].group_ready = True
+
+    async def _trim_dirty(self) -> None:
+        """Drop acknowledged feed entries of the shards that acknowledged any
+        since the last trim: everything below the oldest pending entry (or,
+        with nothing pending, everything delivered so far)."""
+        shards = [shard for shard, state in enumerate(self._shards) if state.dirty]
+        if not shards:
+            return
+        for shard in shards:
+            self._shards[shard].dirty = False
+        replies: list[Any] = []
+        for start in range(0, len(shards), POLL_CHUNK):
+            pipe = self.redis.pipeline(transaction=False)
+            for shard in shards[start : start + POLL_CHUNK]:
+                pipe.xinfo_groups(self._shards[shard].key)
+                pipe.xpending(self._shards[shard].key, GROUP)
+            replies.extend(await pipe.execute(raise_on_error=False))
+        trims: list[tuple[Any, ...]] = []
+        for i, shard in enumerate(shards):
+            groups, summary = replies[2 * i], replies[2 * i + 1]
+            if isinstance(groups, Exception) or isinstance(summary, Exception):
+                continue
+            PENDING.labels(str(shard)).set(summary["pending"] if summary else 0)
+            min_id = _trim_point(groups, summary)
+            if min_id is not None:
+                trims.append(("XTRIM", self._shards[shard].key, "MINID", f"{min_id[0]}-{min_id[1]}"))
+        if trims:
+            await self._pipelined(trims)
 
     async def _process(self, shard: int, key: str, entries: list[FeedEntry]) -> None:
         readable: list[tuple[FeedEntry, EntryRecord]] = []
@@ -391,24 +557,6 @@ class SinkWorker:
         raw = json.dumps({k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()})
         await conn.execute(INSERT_REJECTED, stream, f"feed:{entry.id.decode()}", raw.encode(), error)
 
-    async def _trim(self, shard: int, key: str) -> None:
-        """Drop acknowledged entries: everything below the oldest pending one
-        (or, with nothing pending, everything delivered so far)."""
-        groups = await self.redis.xinfo_groups(key)
-        group = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), None)
-        if group is None:
-            return
-        last = parse_entry_id(group["last-delivered-id"])
-        summary = await self.redis.xpending(key, GROUP)
-        pending = summary["pending"] if summary else 0
-        PENDING.labels(str(shard)).set(pending)
-        if pending:
-            min_id = parse_entry_id(summary["min"])
-        else:
-            min_id = (last[0], last[1] + 1)
-        if min_id > (0, 1):
-            await self.redis.xtrim(key, minid=f"{min_id[0]}-{min_id[1]}")
-
 
 async def run_sink(settings: WorkerSettings) -> None:
     from .migrate import migrate_url
@@ -419,13 +567,21 @@ async def run_sink(settings: WorkerSettings) -> None:
 
     target = await connect(
         settings.redis_url,
-        # One blocking read per shard plus room for acks and trims.
-        max_connections=SHARDS * 2 + 4,
+        # The poller's pipeline, one per writer (acknowledgements), spares:
+        # bounded whatever the shard count.
+        max_connections=settings.sink_writers + 4,
         pool_timeout_s=30,
         name=f"dsgw-sink-{settings.consumer_name}",
     )
     redis = target.client
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+    try:
+        await check_layout(redis)  # the feeds of another shard layout are not ours to read
+    except LayoutMismatch:
+        await target.close()
+        raise
+    pool = await asyncpg.create_pool(
+        settings.database_url, min_size=1, max_size=max(1, settings.sink_writers)
+    )
     try:
         await serve_until_stopped(SinkWorker(settings, redis, pool), settings)
     finally:

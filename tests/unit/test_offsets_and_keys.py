@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from gateway.keys import name_from_meta_key, stream_keys
+from gateway.keys import SHARDS, name_from_meta_key, shard_tag, stream_keys
 from gateway.offsets import (
     ZERO_OFFSET,
     BadOffset,
@@ -61,9 +61,9 @@ def test_all_keys_of_a_stream_share_one_slot_and_names_round_trip(name):
 
 
 def test_streams_spread_over_shards_and_share_their_shards_feed_slot():
-    shards = {stream_keys(f"room-{i}").shard for i in range(500)}
-    assert shards == set(range(16))
+    shards = {stream_keys(f"room-{i}").shard for i in range(20_000)}
+    assert shards == set(range(SHARDS))
     keys = stream_keys("chat/room-1")
-    assert keys.meta == f"ds:{{s{keys.shard:02d}}}:chat/room-1:meta"
-    assert keys.feed == f"dsfeed:{{s{keys.shard:02d}}}"
+    assert keys.meta == f"ds:{shard_tag(keys.shard)}:chat/room-1:meta"
+    assert keys.feed == f"dsfeed:{shard_tag(keys.shard)}"
     assert key_slot(keys.feed.encode()) == key_slot(keys.data.encode())
