@@ -112,9 +112,7 @@ class Subscriptions:
             if config.pattern:
                 await patterns.register(self.state.mux, sub_id, config.pattern, config.wake_stream or "")
         # Linking is idempotent: a re-confirmation also finishes a creation that died half-way.
-        explicit = [p for p in config.streams if p != config.wake_stream]
-        if explicit:
-            await self.state.link(sub_id, "e", explicit)
+        await self.link_explicit(sub_id, list(config.streams), config.pattern, config.wake_stream)
         if created and config.pattern:
             await self.backfill(sub_id, config, int(reply[1]))
         record = await self.get(sub_id)
@@ -193,12 +191,27 @@ class Subscriptions:
     async def add_streams(self, sub_id: str, body: Any) -> None:
         streams = stream_list(body.get("streams") if isinstance(body, dict) else None)
         k = keys.subscription_keys(sub_id)
-        wake_stream = await self.state.execute("HGET", k.definition, "wake_stream", key=k.definition)
+        pattern, wake_stream = await self.state.execute(
+            "HMGET", k.definition, "pattern", "wake_stream", key=k.definition
+        )
         if wake_stream is None:
             raise not_found()
-        streams = [p for p in streams if p != text(wake_stream)]
-        if streams and not await self.state.link(sub_id, "e", streams):
+        if not await self.link_explicit(sub_id, streams, text(pattern), text(wake_stream)):
             raise not_found()
+
+    async def link_explicit(
+        self, sub_id: str, streams: list[str], pattern: str | None, wake_stream: str | None
+    ) -> bool:
+        """Explicit links (never the subscription's own wake stream); those the
+        pattern also matches get their glob link too, so removing the explicit
+        link leaves the stream linked."""
+        streams = [p for p in streams if p != wake_stream]
+        if not streams:
+            return True
+        if not await self.state.link(sub_id, "e", streams):
+            return False
+        globbed = [p for p in streams if pattern and patterns.glob_match(pattern, p)]
+        return not globbed or await self.state.link(sub_id, "g", globbed)
 
     async def remove_stream(self, sub_id: str, raw_path: str) -> None:
         path = stream_path(raw_path, "stream path")

@@ -1,0 +1,306 @@
+"""Subscriptions across two gateway processes sharing one real Redis: pull-wake
+claims, fencing, lease expiry, pattern links, a dispatcher dying mid-way, and
+the persisted webhook retry schedule. Every wait is a bounded poll for a
+condition, never a fixed sleep."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from gateway import keys
+from gateway.embedded import start_redis
+from gateway.scripts import script_source
+from tests.conftest import GatewayProcess, start_gateway
+
+ENV = {"DSGW_WEBHOOK_ALLOW_PRIVATE": "true", "DSGW_SUBSCRIPTIONS_POLL_MS": "50"}
+
+
+@pytest.fixture(scope="module")
+def pair(redis_server, tmp_path_factory) -> Iterator[tuple[GatewayProcess, GatewayProcess]]:
+    a = start_gateway(redis_server.url, tmp_path_factory.mktemp("suba"), **ENV)
+    b = start_gateway(redis_server.url, tmp_path_factory.mktemp("subb"), **ENV)
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+@pytest.fixture
+def rc(redis_server) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            assert value, "condition not met in time"
+            return value
+        time.sleep(0.05)
+
+
+def url(gw: GatewayProcess, path: str) -> str:
+    return f"{gw.url}/v1/stream/{path}"
+
+
+def pull_setup(gw: GatewayProcess, http: httpx.Client, ttl_ms: int = 30_000) -> tuple[str, str, str]:
+    tag = uuid.uuid4().hex[:8]
+    sub, wake, stream = f"pull-{tag}", f"wake-{tag}/pool", f"ev-{tag}/one"
+    assert (
+        http.put(url(gw, wake), content=b"[]", headers={"content-type": "application/json"}).status_code
+        == 201
+    )
+    body = {"type": "pull-wake", "pattern": f"ev-{tag}/*", "wake_stream": wake, "lease_ttl_ms": ttl_ms}
+    assert http.put(url(gw, f"__ds/subscriptions/{sub}"), json=body).status_code == 201
+    return sub, wake, stream
+
+
+def wake_events(gw: GatewayProcess, http: httpx.Client, wake: str, sub: str) -> list[dict[str, Any]]:
+    return [e for e in http.get(url(gw, wake)).json() if e.get("subscription_id") == sub]
+
+
+def claim(gw: GatewayProcess, http: httpx.Client, sub: str, worker: str) -> httpx.Response:
+    return http.post(url(gw, f"__ds/subscriptions/{sub}/claim"), json={"worker": worker})
+
+
+def ack(gw, http, sub, claimed, acks, done=True, action="ack") -> httpx.Response:  # type: ignore[no-untyped-def]
+    body = {"wake_id": claimed["wake_id"], "generation": claimed["generation"], "acks": acks, "done": done}
+    headers = {"authorization": f"Bearer {claimed['token']}"}
+    return http.post(url(gw, f"__ds/subscriptions/{sub}/{action}"), json=body, headers=headers)
+
+
+def test_a_claim_on_one_replica_is_seen_on_the_other(pair, http):
+    a, b = pair
+    sub, wake, stream = pull_setup(a, http)
+    http.put(url(b, stream), json={"n": 1})  # created with a body on B: counts as an append
+    wait_for(lambda: wake_events(a, http, wake, sub))
+    first = claim(a, http, sub, "worker-a")
+    assert first.status_code == 200
+    claimed = first.json()
+    busy = claim(b, http, sub, "worker-b")
+    assert busy.status_code == 409
+    assert busy.json()["error"] == {
+        "code": "ALREADY_CLAIMED",
+        "message": "another worker holds the lease",
+        "current_holder": "worker-a",
+        "generation": claimed["generation"],
+    }
+    tail = next(s for s in claimed["streams"] if s["path"] == stream)["tail_offset"]
+    # The token issued by A is honoured by B (keys and wake state are in Redis).
+    done = ack(b, http, sub, claimed, [{"stream": stream, "offset": tail}])
+    assert (done.status_code, done.json()) == (200, {"ok": True, "next_wake": False})
+    got = http.get(url(a, f"__ds/subscriptions/{sub}")).json()
+    assert [(s["path"], s["acked_offset"]) for s in got["streams"]] == [(stream, tail)]
+
+
+def test_stale_acks_are_fenced_and_heartbeats_extend_the_lease(pair, http):
+    a, b = pair
+    sub, wake, stream = pull_setup(a, http)
+    http.put(url(a, stream), json={"n": 1})
+    wait_for(lambda: wake_events(b, http, wake, sub))
+    claimed = claim(b, http, sub, "w").json()
+    heartbeat = ack(a, http, sub, claimed, [], done=False)
+    assert heartbeat.json() == {"ok": True, "next_wake": False}
+    wrong_wake = dict(claimed, wake_id="w_0000")
+    assert ack(a, http, sub, wrong_wake, []).json()["error"]["code"] == "FENCED"
+    wrong_gen = dict(claimed, generation=claimed["generation"] + 1)
+    assert ack(a, http, sub, wrong_gen, []).json()["error"]["code"] == "FENCED"
+    assert ack(a, http, sub, claimed, [], done=True).status_code == 200
+    replay = ack(b, http, sub, claimed, [], done=True)
+    assert (replay.status_code, replay.json()["error"]["code"]) == (409, "FENCED")
+    assert ack(b, http, sub, claimed, [], action="release").json()["error"]["code"] == "FENCED"
+    forged = dict(claimed, token=claimed["token"][:-4] + "AAAA")
+    assert ack(b, http, sub, forged, []).json()["error"]["code"] == "TOKEN_INVALID"
+
+
+def test_acks_are_checked_against_cursor_and_tail(pair, http):
+    a, _ = pair
+    sub, wake, stream = pull_setup(a, http)
+    http.put(url(a, stream), json={"n": 1})
+    wait_for(lambda: wake_events(a, http, wake, sub))
+    claimed = claim(a, http, sub, "w").json()
+    beyond = ack(a, http, sub, claimed, [{"stream": stream, "offset": "9999999999999999_0000000000000000"}])
+    assert (beyond.status_code, beyond.json()["error"]["code"]) == (409, "INVALID_OFFSET")
+    unknown = ack(
+        a, http, sub, claimed, [{"stream": "not/linked", "offset": "0000000000000000_0000000000000000"}]
+    )
+    assert unknown.json()["error"]["code"] == "INVALID_OFFSET"
+    bad = ack(a, http, sub, claimed, "nope")
+    assert bad.status_code == 400
+
+
+def test_an_expired_lease_fences_its_holder_and_wakes_again(pair, http):
+    a, b = pair
+    sub, wake, stream = pull_setup(a, http, ttl_ms=1000)
+    http.put(url(a, stream), json={"n": 1})
+    wait_for(lambda: wake_events(a, http, wake, sub))
+    claimed = claim(a, http, sub, "slow-worker").json()
+    # Nobody acks: the lease runs out, a replica's timer clears the holder and,
+    # work still pending, writes a new wake (next generation) to the wake stream.
+    events = wait_for(
+        lambda: [e for e in wake_events(b, http, wake, sub) if e["generation"] > claimed["generation"]]
+    )
+    assert events[0]["stream"] == stream
+    late = ack(b, http, sub, claimed, [], done=True)
+    assert (late.status_code, late.json()["error"]["code"]) == (409, "FENCED")
+    again = claim(b, http, sub, "other-worker")
+    assert again.status_code == 200
+    assert again.json()["generation"] > claimed["generation"]
+
+
+def test_release_wakes_again_while_work_is_pending(pair, http):
+    a, b = pair
+    sub, wake, stream = pull_setup(a, http)
+    http.put(url(a, stream), json={"n": 1})
+    wait_for(lambda: wake_events(a, http, wake, sub))
+    claimed = claim(a, http, sub, "w").json()
+    released = ack(b, http, sub, claimed, [], action="release")
+    assert released.status_code == 204
+    wait_for(lambda: [e for e in wake_events(a, http, wake, sub) if e["generation"] > claimed["generation"]])
+
+
+def test_pattern_links_existing_streams_at_their_tail_and_new_ones_before_their_first_entry(pair, http):
+    a, b = pair
+    tag = uuid.uuid4().hex[:8]
+    old = f"pat-{tag}/old"
+    http.put(url(a, old), json={"history": True})
+    wake = f"wake-{tag}"
+    http.put(url(a, wake), content=b"[]", headers={"content-type": "application/json"})
+    sub = f"pat-{tag}"
+    body = {"type": "pull-wake", "pattern": f"pat-{tag}/*", "wake_stream": wake}
+    created = http.put(url(b, f"__ds/subscriptions/{sub}"), json=body).json()
+    # The existing stream is linked at its tail: its history is not pending.
+    tail = http.head(url(a, old)).headers["stream-next-offset"]
+    assert created["streams"] == [{"path": old, "link_type": "glob", "acked_offset": tail}]
+    assert claim(a, http, sub, "w").json()["error"]["code"] == "NO_PENDING_WORK"
+    # A new stream, created empty, is linked at creation; its first append wakes.
+    new = f"pat-{tag}/new"
+    http.put(url(a, new), content=b"", headers={"content-type": "application/json"})
+    http.post(url(b, new), json={"first": True})
+    event = wait_for(lambda: wake_events(a, http, wake, sub))[0]
+    assert event["stream"] == new
+    streams = {s["path"]: s for s in claim(a, http, sub, "w").json()["streams"]}
+    assert streams[new]["has_pending"] and not streams[old]["has_pending"]
+
+
+def test_explicit_links_are_added_and_removed_and_globs_survive(pair, http):
+    a, _ = pair
+    tag = uuid.uuid4().hex[:8]
+    sub = f"ex-{tag}"
+    body = {
+        "type": "pull-wake",
+        "pattern": f"ex-{tag}/*",
+        "streams": [f"ex-{tag}/a"],
+        "wake_stream": f"w-{tag}",
+    }
+    assert http.put(url(a, f"__ds/subscriptions/{sub}"), json=body).status_code == 201
+    assert (
+        http.put(url(a, f"__ds/subscriptions/{sub}"), json=dict(body, lease_ttl_ms=5000)).status_code == 409
+    )
+    add = http.post(url(a, f"__ds/subscriptions/{sub}/streams"), json={"streams": ["other/b"]})
+    assert add.status_code == 204
+    links = {
+        s["path"]: s["link_type"] for s in http.get(url(a, f"__ds/subscriptions/{sub}")).json()["streams"]
+    }
+    assert links == {f"ex-{tag}/a": "explicit", "other/b": "explicit"}
+    assert http.delete(url(a, f"__ds/subscriptions/{sub}/streams/other%2Fb")).status_code == 204
+    assert http.delete(url(a, f"__ds/subscriptions/{sub}/streams/other%2Fb")).status_code == 204
+    # ex-<tag>/a also matches the pattern: removing its explicit link leaves the glob link.
+    http.delete(url(a, f"__ds/subscriptions/{sub}/streams/ex-{tag}%2Fa"))
+    links = {
+        s["path"]: s["link_type"] for s in http.get(url(a, f"__ds/subscriptions/{sub}")).json()["streams"]
+    }
+    assert links == {f"ex-{tag}/a": "glob"}
+    assert http.delete(url(a, f"__ds/subscriptions/{sub}")).status_code == 204
+    assert http.get(url(a, f"__ds/subscriptions/{sub}")).json()["error"]["code"] == "SUBSCRIPTION_NOT_FOUND"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"type": "nope", "streams": ["a"]},
+        {"type": "pull-wake", "wake_stream": "w"},
+        {"type": "pull-wake", "streams": ["a"]},
+        {"type": "webhook", "streams": ["a"]},
+        {"type": "pull-wake", "streams": ["a"], "wake_stream": "w", "lease_ttl_ms": 10},
+        {"type": "pull-wake", "streams": [""], "wake_stream": "w"},
+        [],
+    ],
+)
+def test_bad_subscriptions_get_invalid_request(pair, http, body):
+    a, _ = pair
+    res = http.put(url(a, "__ds/subscriptions/bad"), json=body)
+    assert (res.status_code, res.json()["error"]["code"]) == (400, "INVALID_REQUEST")
+
+
+def test_control_paths_are_never_streams(pair, http):
+    a, _ = pair
+    assert http.put(url(a, "__ds/other"), json={}).json()["error"]["code"] == "SUBSCRIPTION_NOT_FOUND"
+    assert http.put(url(a, "__ds/subscriptions/x/claim"), json={}).status_code == 405
+    res = http.put(
+        url(a, "__ds/subscriptions/x"), content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert res.status_code == 400
+
+
+def test_a_wake_is_not_lost_when_the_dispatcher_dies_after_taking_it(tmp_path, http):
+    # A Redis of its own: no other gateway's dispatcher may touch the queue. The
+    # first gateway's dispatcher polls once an hour, so appends through it queue
+    # wakes that only this test and a second gateway touch.
+    server = start_redis(tmp_path / "redis", persistent=False)
+    rc = redis.Redis.from_url(server.url)
+    slow = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SUBSCRIPTIONS_POLL_MS="3600000"))
+    try:
+        tag = uuid.uuid4().hex[:8]
+        sub, wake, stream = f"lost-{tag}", f"wake-{tag}", f"lost-{tag}/s"
+        http.put(url(slow, wake), content=b"[]", headers={"content-type": "application/json"})
+        body = {"type": "pull-wake", "streams": [stream], "wake_stream": wake}
+        http.put(url(slow, f"__ds/subscriptions/{sub}"), json=body)
+        http.put(url(slow, stream), json={"n": 1})
+        queue = keys.stream_keys(stream).wakes
+        assert rc.zscore(queue, stream) is not None  # queued by create.lua with the append
+        # A dispatcher takes the entry (re-scored 2 s ahead) and dies before telling anyone.
+        taken = rc.eval(script_source("sub_queue_take"), 1, queue, int(time.time() * 1000), 2000, 1000)
+        assert stream.encode() in taken
+        assert wake_events(slow, http, wake, sub) == []
+        # Another replica finds it once it falls due again, and wakes the subscription.
+        other = start_gateway(server.url, tmp_path, **ENV)
+        try:
+            events = wait_for(lambda: wake_events(other, http, wake, sub))
+            assert events[0]["stream"] == stream
+            wait_for(lambda: rc.zscore(queue, stream) is None)
+        finally:
+            other.stop()
+    finally:
+        slow.stop()
+        rc.close()
+        server.stop()
+
+
+def test_failed_webhook_deliveries_back_off_on_a_schedule_kept_in_redis(pair, http, rc):
+    a, _ = pair
+    tag = uuid.uuid4().hex[:8]
+    sub = f"hook-{tag}"
+    # Nothing listens there: every delivery fails.
+    body = {"type": "webhook", "streams": [f"hook-{tag}/s"], "webhook": {"url": "http://127.0.0.1:9/hook"}}
+    assert http.put(url(a, f"__ds/subscriptions/{sub}"), json=body).status_code == 201
+    http.put(url(a, f"hook-{tag}/s"), json={"n": 1})
+    state_key = keys.subscription_keys(sub).state
+    wait_for(lambda: int(rc.hget(state_key, "retries") or 0) >= 2)
+    state = {k.decode(): v.decode() for k, v in rc.hgetall(state_key).items()}
+    assert state["status"] == "failed" and state["wake"]
+    due_in_ms = int(state["due"]) - int(time.time() * 1000)
+    # The next attempt is persisted: 2 s (then 4 s, ...) +-20% after the last failure, still ahead.
+    assert 0 < due_in_ms <= 4800
+    assert rc.zscore(keys.SUB_TIMERS, sub) is not None
+    assert http.get(url(a, f"__ds/subscriptions/{sub}")).json()["status"] == "failed"
+    http.delete(url(a, f"__ds/subscriptions/{sub}"))
