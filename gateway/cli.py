@@ -367,6 +367,40 @@ def unpublish(table: str = typer.Argument(..., help="Table to stop publishing.")
     typer.echo(f"stopped publishing {table}")
 
 
+# --- subscription keys ---------------------------------------------------------------
+
+
+@app.command("rotate-keys")
+def rotate_keys_command(
+    which: str = typer.Argument(..., help="signing (webhook Ed25519 key) or token (callback-token key)."),
+    publish_ahead: int = typer.Option(
+        300, "--publish-ahead", min=1, help="Seconds the new key is published before it signs."
+    ),
+    keep: int = typer.Option(3 * 3600, "--keep", min=1, help="Seconds a superseded key stays published."),
+) -> None:
+    """Add a new webhook signing or callback-token key (gateway/subscriptions/signing.py): every
+    replica publishes it first, signs with it after --publish-ahead seconds; keys superseded more
+    than --keep seconds ago are dropped."""
+    from .settings import Settings
+    from .subscriptions.signing import rotate_keys
+
+    if which not in ("signing", "token"):
+        raise CliError("rotate-keys takes signing or token")
+    refresh_s = Settings.from_env().webhook_keys_refresh_s
+    if publish_ahead <= refresh_s:
+        raise CliError(f"--publish-ahead must exceed DSGW_WEBHOOK_KEYS_REFRESH_S ({refresh_s} s)")
+
+    async def run():  # type: ignore[no-untyped-def]
+        target = await _target()
+        try:
+            return await rotate_keys(target.client, which, publish_ahead_s=publish_ahead, keep_s=keep)
+        finally:
+            await target.close()
+
+    key = _run(run())
+    typer.echo(f"{which} key {key.kid} added; it signs from {key.active_from} (unix time)")
+
+
 # --- inspection ----------------------------------------------------------------------
 
 
@@ -413,6 +447,45 @@ def streams(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         expiry = f"{r['ttl']} s" if r["ttl"] is not None else (r["expires_at"] or "")
         table.append([r["name"], r["content_type"], str(r["messages"]), str(r["bytes"]), state, expiry])
     _print_rows(["name", "content type", "messages", "bytes", "closed", "ttl / expires"], table)
+
+
+@app.command()
+def subscriptions(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the subscriptions (issue 12): type, target, wake state, and each linked stream's cursor."""
+    from .subscriptions.listing import list_subscriptions
+
+    async def run() -> list[dict]:
+        target = await _target()
+        try:
+            return await list_subscriptions(target.mux)
+        finally:
+            await target.close()
+
+    rows = _run(run())
+    if as_json:
+        _print_json(rows)
+        return
+    table = []
+    for r in rows:
+        wake = (
+            f"gen {r['generation']}"
+            + (f" {r['wake_id']}" if r["wake_id"] else "")
+            + (f" held by {r['holder']}" if r["holder"] else "")
+        )
+        table.append([r["id"], r["type"], r["pattern"] or "", r["target"], wake, r["status"], ""])
+        for s in r["streams"]:
+            table.append(
+                [
+                    "",
+                    "",
+                    "",
+                    f"  {s['path']} ({s['link']})",
+                    f"acked {s['acked']}",
+                    "",
+                    f"tail {s['tail'] or '?'}",
+                ]
+            )
+    _print_rows(["id", "type", "pattern", "target / stream", "wake / cursor", "status", "tail"], table)
 
 
 @app.command()
@@ -505,6 +578,35 @@ def tail(
 
 
 # --- configuration -------------------------------------------------------------------
+
+
+@app.command()
+def reshard(
+    to: int = typer.Option(..., "--to", min=1, max=16384, help="The new shard count (DSGW_SHARDS)."),
+    drop_feeds: bool = typer.Option(
+        False, "--drop-feeds", help="Discard sync feed entries no sink has acknowledged (no sink runs)."
+    ),
+) -> None:
+    """Move every stream to the shards of another shard count. Offline: stop every gateway and
+    worker first (after the sink drained the feeds); rerun it if it is interrupted."""
+    from .reshard import ReshardError
+    from .reshard import reshard as move
+
+    async def run():  # type: ignore[no-untyped-def]
+        target = await _target()
+        try:
+            return await move(target.client, to, drop_feeds=drop_feeds, progress=typer.echo)
+        finally:
+            await target.close()
+
+    try:
+        report = _run(run())
+    except ReshardError as exc:
+        raise CliError(str(exc)) from None
+    typer.echo(
+        f"{report.source} -> {report.target}: moved {report.streams} streams ({report.keys} keys,"
+        f" {report.members} deadlines and wake-ups) in {report.seconds:.1f} s; now start with DSGW_SHARDS={to}"
+    )
 
 
 @app.command("check-config")
