@@ -5,6 +5,10 @@ condition, never a fixed sleep."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -304,3 +308,22 @@ def test_failed_webhook_deliveries_back_off_on_a_schedule_kept_in_redis(pair, ht
     assert rc.zscore(keys.SUB_TIMERS, sub) is not None
     assert http.get(url(a, f"__ds/subscriptions/{sub}")).json()["status"] == "failed"
     http.delete(url(a, f"__ds/subscriptions/{sub}"))
+
+
+def test_dsgw_subscriptions_lists_cursors_and_wake_state(pair, http, redis_server):
+    a, _ = pair
+    sub, wake, stream = pull_setup(a, http)
+    http.put(url(a, stream), json={"n": 1})
+    wait_for(lambda: wake_events(a, http, wake, sub))
+    claim(a, http, sub, "lister")
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "subscriptions", "--json"],
+        env={**os.environ, "REDIS_URL": redis_server.url},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    row = next(r for r in json.loads(out.stdout) if r["id"] == sub)
+    assert (row["type"], row["target"], row["holder"], row["generation"]) == ("pull-wake", wake, "lister", 1)
+    assert [(s["path"], s["link"], s["acked"]) for s in row["streams"]] == [(stream, "glob", "-1")]
