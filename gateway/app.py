@@ -108,6 +108,7 @@ class Gateway:
             sink_filter=s.sink_filter,
             max_producers=s.max_producers_per_stream,
             producer_idle_s=s.producer_idle_s,
+            tiered=s.retention_enabled,
         )
         if s.history_database_url:
             # Connects on the first cold read: no Postgres needed to start.

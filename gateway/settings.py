@@ -12,6 +12,17 @@ def env_int(name: str, default: int) -> int:
     return int(raw) if raw else default
 
 
+def env_opt_int(name: str) -> int | None:
+    """An optional count (unset or empty: None); negative is a configuration error."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    value = int(raw)
+    if value < 0:
+        raise ValueError(f"{name} must be 0 or more")
+    return value
+
+
 def _str(name: str, default: str) -> str:
     return os.environ.get(name, "").strip() or default
 
@@ -81,6 +92,11 @@ class Settings:
     # JSON streams whose messages the Postgres sink receives: comma-separated
     # globs on the stream name, decided when a stream is created; "-" for none.
     sink_streams: list[str] = field(default_factory=lambda: ["*"])
+    # Tiered history (issue 11): keep at most this many messages / seconds of
+    # each stream in Redis; older ones are read from Postgres stream_history.
+    # Either set: every new stream goes to the sync feed. Both None: no trimming.
+    retain_messages: int | None = None
+    retain_seconds: int | None = None
     # Authentication (gateway/auth.py): on as soon as one credential source is set.
     auth_jwt_secret: str = ""
     auth_jwks: str = ""
@@ -127,6 +143,10 @@ class Settings:
     def auth_enabled(self) -> bool:
         return bool(self.auth_jwt_secret or self.auth_jwks or self.auth_keys_file)
 
+    @property
+    def retention_enabled(self) -> bool:
+        return self.retain_messages is not None or self.retain_seconds is not None
+
     def sink_filter(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.sink_streams)
 
@@ -158,6 +178,8 @@ class Settings:
             log_level=_str("DSGW_LOG_LEVEL", cls.log_level).upper(),
             access_log=_str("DSGW_ACCESS_LOG", "false").lower() in ("1", "true", "yes"),
             sink_streams=[p for p in _list("DSGW_SINK_STREAMS", ["*"]) if p != "-"],
+            retain_messages=env_opt_int("DSGW_RETAIN_MESSAGES"),
+            retain_seconds=env_opt_int("DSGW_RETAIN_SECONDS"),
             auth_jwt_secret=os.environ.get("DSGW_AUTH_JWT_SECRET", ""),
             auth_jwks=_str("DSGW_AUTH_JWKS", ""),
             auth_jwks_refresh_s=env_int("DSGW_AUTH_JWKS_REFRESH_S", cls.auth_jwks_refresh_s),

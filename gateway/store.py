@@ -176,8 +176,12 @@ class Store:
         sink_filter: Callable[[str], bool] = lambda name: True,
         max_producers: int = 10_000,
         producer_idle_s: int = 7 * 86400,
+        tiered: bool = False,
     ) -> None:
         self.mux = mux
+        # Retention on (DSGW_RETAIN_*): every new stream goes to the sync feed and
+        # Postgres stream_history, so that Redis may trim it (issue 11).
+        self.tiered = tiered
         # Producer state per stream is bounded (see save_producer in common.lua).
         self._producer_limits = (max_producers, producer_idle_s * 1000)
         self.scripts = Scripts(mux)
@@ -241,6 +245,7 @@ class Store:
                 "",
                 name,
                 "1" if is_json(media_type) and self.sink_filter(name) else "",
+                "1" if self.tiered else "",
                 *_groups_args(groups),
             ]
             reply = await self.scripts.call("create", keys.all, args)

@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from gateway.settings import env_int
+from gateway.settings import env_int, env_opt_int
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,12 @@ class WorkerSettings:
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     consumer_name: str = ""
+    # Tiered history (issue 11): the sink trims Redis to at most this many
+    # messages / seconds per tiered stream, never above what it committed.
+    retain_messages: int | None = None
+    retain_seconds: int | None = None
+    # How often the sink looks for streams whose oldest entries aged out.
+    trim_sweep_ms: int = 1000
 
     @classmethod
     def from_env(cls) -> WorkerSettings:
@@ -47,15 +53,18 @@ class WorkerSettings:
             sink_batch=env_int("DSGW_SINK_BATCH", cls.sink_batch),
             sink_batch_bytes=env_int("DSGW_SINK_BATCH_BYTES", cls.sink_batch_bytes),
             sink_block_ms=env_int("DSGW_SINK_BLOCK_MS", cls.sink_block_ms),
+            sink_writers=env_int("DSGW_SINK_WRITERS", cls.sink_writers),
             sink_claim_idle_ms=env_int("DSGW_SINK_CLAIM_IDLE_MS", cls.sink_claim_idle_ms),
             sink_stall_ms=env_int("DSGW_SINK_STALL_MS", cls.sink_stall_ms),
             source_batch=env_int("DSGW_SOURCE_BATCH", cls.source_batch),
             source_max_append_messages=env_int(
                 "DSGW_SOURCE_MAX_APPEND_MESSAGES", cls.source_max_append_messages
             ),
-            sink_writers=env_int("DSGW_SINK_WRITERS", cls.sink_writers),
             source_max_append_bytes=env_int("DSGW_SOURCE_MAX_APPEND_BYTES", cls.source_max_append_bytes),
             metrics_port=env_int("DSGW_WORKER_METRICS_PORT", cls.metrics_port),
             metrics_host=os.environ.get("DSGW_WORKER_METRICS_HOST", "") or cls.metrics_host,
             consumer_name=os.environ.get("DSGW_CONSUMER_NAME", "") or f"{socket.gethostname()}-{os.getpid()}",
+            retain_messages=env_opt_int("DSGW_RETAIN_MESSAGES"),
+            retain_seconds=env_opt_int("DSGW_RETAIN_SECONDS"),
+            trim_sweep_ms=env_int("DSGW_TRIM_SWEEP_MS", cls.trim_sweep_ms),
         )

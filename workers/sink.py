@@ -30,6 +30,7 @@ the entries behind it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -51,6 +52,7 @@ from gateway.scripts import script_source
 
 from .process import Backoff, Health
 from .settings import WorkerSettings
+from .tiering import HISTORY_ROWS, HistoryRow, Trimmer, history_rows, last_id
 
 log = logging.getLogger("dsgw.sink")
 
@@ -116,6 +118,12 @@ INSERT_ONE = (
     " (stream_name, event_key, event_type, operation, payload, ds_offset, received_at)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (stream_name, ds_offset) DO NOTHING"
 )
+# Tiered streams: every message's bytes as stored in Redis (workers/sql/005).
+HISTORY_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS dsgw_sink_history"
+    " (stream_name text, ds_offset text, more integer, data bytea) ON COMMIT DELETE ROWS"
+)
+INSERT_HISTORY = "INSERT INTO stream_history SELECT * FROM dsgw_sink_history ON CONFLICT DO NOTHING"
 INSERT_REJECTED = (
     "INSERT INTO session_events_rejected (stream_name, ds_offset, raw, error)"
     " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"
@@ -249,6 +257,9 @@ class SinkWorker:
         # without entries, and their write). One stuck shard is enough to
         # make the worker unhealthy, whatever the others do.
         self.last_progress = [time.monotonic()] * SHARDS
+        self.trimmer = Trimmer(
+            redis, settings.retain_messages, settings.retain_seconds, settings.trim_sweep_ms / 1000, GROUP
+        )
 
     def stalled_shards(self) -> list[int]:
         limit = (self.settings.sink_stall_ms + self.settings.sink_block_ms) / 1000
@@ -471,15 +482,27 @@ class SinkWorker:
     async def _process(self, shard: int, key: str, entries: list[FeedEntry]) -> None:
         readable: list[tuple[FeedEntry, EntryRecord]] = []
         unreadable: list[tuple[FeedEntry, str]] = []
+        # Tiered entries ('lens'): their stream_history rows, and per stream
+        # the newest entry ID this batch commits (for meta synced and trimming).
+        history: list[HistoryRow] = []
+        synced: dict[str, tuple[bytes, bytes]] = {}
         for entry in entries:
             try:
-                readable.append((entry, entry.record()))
-            except (KeyError, UnicodeDecodeError) as exc:
+                tiered = b"lens" in entry.fields
+                rows = history_rows(entry.fields) if tiered else []
+                # A tiered entry of a stream outside DSGW_SINK_STREAMS carries
+                # 'data', not 'json': stream_history only.
+                if not tiered or b"json" in entry.fields:
+                    readable.append((entry, entry.record()))
+                if tiered:
+                    history.extend(rows)
+                    synced[rows[0][0]] = (entry.id, last_id(entry.fields))
+            except (KeyError, ValueError, UnicodeDecodeError) as exc:
                 unreadable.append((entry, f"{type(exc).__name__}: {exc}"))
         backoff = Backoff()
         while True:
             try:
-                await self._write(readable, unreadable)
+                await self._write(readable, unreadable, history)
                 break
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 # Postgres is down or restarting, or refuses the batch for a
@@ -496,12 +519,23 @@ class SinkWorker:
         for entry, _ in readable:
             lag.observe(max(0.0, now - parse_entry_id(entry.id)[0] / 1000))
         ROWS.inc(sum(entry.messages for entry, _ in readable))
+        HISTORY_ROWS.inc(len(history))
+        # Committed: now, and only now, Redis may let these entries go.
+        await self.trimmer.committed(key, synced)
 
     async def _write(
-        self, entries: list[tuple[FeedEntry, EntryRecord]], unreadable: list[tuple[FeedEntry, str]]
+        self,
+        entries: list[tuple[FeedEntry, EntryRecord]],
+        unreadable: list[tuple[FeedEntry, str]],
+        history: list[HistoryRow] | None = None,
     ) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(ENTRIES_DDL)
+            if history:
+                # Same transaction as session_events: "committed" means both.
+                await conn.execute(HISTORY_DDL)
+                await conn.copy_records_to_table("dsgw_sink_history", records=history)
+                await conn.execute(INSERT_HISTORY)
             await self._write_entries(conn, entries, alone=True)
             for entry, error in unreadable:
                 await self._reject_entry(conn, entry, error)
@@ -582,8 +616,16 @@ async def run_sink(settings: WorkerSettings) -> None:
     pool = await asyncpg.create_pool(
         settings.database_url, min_size=1, max_size=max(1, settings.sink_writers)
     )
+    worker = SinkWorker(settings, redis, pool)
+    # One task for every shard: idle streams age out, waiting streams get recorded.
+    tiering = settings.retain_seconds is not None or settings.retain_messages is not None
+    sweep = asyncio.create_task(worker.trimmer.sweep_loop(worker.stop)) if tiering else None
     try:
-        await serve_until_stopped(SinkWorker(settings, redis, pool), settings)
+        await serve_until_stopped(worker, settings)
     finally:
+        if sweep:
+            sweep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweep
         await pool.close()
         await target.close()

@@ -20,7 +20,9 @@
 --   ARGV[13] 'check' to only compare with an existing stream, never create
 --   ARGV[14] the stream's name
 --   ARGV[15] '1' to record its appends in the sync feed (Postgres sink), else ''
---   ARGV[16..] message groups (see add_groups): sub-offset prefix, initial body
+--   ARGV[16] '1' for a tiered stream (every append to the sync feed, for
+--            Postgres stream_history; Redis trimmed by retention), else ''
+--   ARGV[17..] message groups (see add_groups): sub-offset prefix, initial body
 --
 -- Output:
 --   {'created', tail, closed, released_src}  new stream; released_src names the
@@ -74,6 +76,7 @@ local function put(k, v)
 end
 put('json', ARGV[3])
 put('sink', ARGV[15])
+put('tier', ARGV[16])
 put('ttl', ARGV[4])
 put('exp_raw', ARGV[5])
 put('exp', ARGV[6])
@@ -91,14 +94,26 @@ local tombstone = redis.call('GET', KEYS[6])
 if tombstone and not bytes_le(id_key(tombstone), id_key(floor)) then
   floor = tombstone
 end
+-- base (see common.lua): no entry of this incarnation is at or below it, and
+-- every entry a removed stream of this name ever had is. The floor covers a
+-- removal of the last 10 minutes (tombstone); one second ago covers older ones
+-- and key expiry (a stream is only garbage-collected a minute after its last
+-- write), with room for XADD's clock lagging TIME inside a script.
+local base = floor
+local before_now = int_str(now - 1000) .. '-18446744073709551615'
+if bytes_le(id_key(base), id_key(before_now)) then
+  base = before_now
+end
+put('base', base)
 if floor ~= '0-0' then
   -- An empty stream whose last ID is the floor: XADD '*' then hands out IDs
   -- above it. MAXLEN 0 drops the placeholder entry at once.
   redis.call('XADD', KEYS[2], 'MAXLEN', '0', floor, 'floor', '')
 end
 
-local nm = {json = (ARGV[3] ~= '') or nil, sink = (ARGV[15] ~= '') or nil, name = ARGV[14]}
-local last, added = add_groups(nm, 16)
+local nm = {json = (ARGV[3] ~= '') or nil, sink = (ARGV[15] ~= '') or nil,
+  tier = (ARGV[16] ~= '') or nil, name = ARGV[14]}
+local last, added = add_groups(nm, 17)
 tail = last or tail
 put('tail', tail)
 if added > 0 then

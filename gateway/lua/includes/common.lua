@@ -16,6 +16,18 @@
 -- (last access, ms), gen (random token, changes when the path is recreated),
 -- deleted ('1' = soft-deleted, kept for forks), src/fofs/fsub (fork source,
 -- fork offset as entry ID, sub-offset as sent), bytes (payload bytes appended).
+-- Tiered history (workers/tiering.py, gateway/lua/trim.lua; issue 11):
+--   tier   '1': every append goes to the sync feed with the messages' lengths
+--          ('lens'), and the sink copies each entry to Postgres stream_history;
+--          set at creation when DSGW_RETAIN_MESSAGES or DSGW_RETAIN_SECONDS is on
+--   synced entry ID of the newest entry committed to Postgres (set by the sink
+--          right after its commit, only ever raised)
+--   trim   entry ID of the newest entry removed from the data stream; absent =
+--          nothing trimmed. Every entry <= trim is gone from Redis and is in
+--          stream_history; trim <= synced, and trim always ends an append
+--   base   entry ID below which this incarnation of the stream has no entries
+--          (above the tombstone, the fork offset and its creation time): rows of
+--          a removed stream of the same name in stream_history are all <= base
 
 -- Redis 6.2 needs effect replication before a script may write after TIME;
 -- on 7.x this is always on and the call is a no-op.
@@ -155,6 +167,7 @@ end
 -- never cut an append in two. A stream synced to Postgres also gets one sync
 -- feed entry per append: its name, the entry IDs, and the messages as one JSON
 -- array (messages are JSON texts, so joining them with commas is valid JSON).
+-- A tiered stream (meta 'tier') sends every append to the feed: see below.
 -- Returns the last entry ID (or nil) and the payload bytes added (the caller
 -- adds them to meta 'bytes' in its own HSET: one write command less).
 local function add_groups(m, pos)
@@ -176,7 +189,20 @@ local function add_groups(m, pos)
       ids[i] = last
       bytes = bytes + #ARGV[pos + i - 1]
     end
-    if m.sink and count > 0 then
+    if m.tier and count > 0 then
+      -- Tiered: the lengths split the messages again, byte-exact; 'json'
+      -- (session_events too) only for a sink stream, else their concatenation.
+      local lens = {}
+      for i = 1, count do
+        lens[i] = #ARGV[pos + i - 1]
+      end
+      local payload_field, payload = 'data', table.concat(ARGV, '', pos, pos + count - 1)
+      if m.sink then
+        payload_field, payload = 'json', '[' .. table.concat(ARGV, ',', pos, pos + count - 1) .. ']'
+      end
+      redis.call('XADD', KEYS[5], '*', 'stream', m.name, 'ids', table.concat(ids, ' '),
+        payload_field, payload, 'lens', table.concat(lens, ' '))
+    elseif m.sink and count > 0 then
       redis.call('XADD', KEYS[5], '*', 'stream', m.name, 'ids', table.concat(ids, ' '),
         'json', '[' .. table.concat(ARGV, ',', pos, pos + count - 1) .. ']')
     end
