@@ -36,6 +36,7 @@ import json
 import ssl
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import h11
 
@@ -43,6 +44,8 @@ from ..settings import Settings
 from .urlsafety import WebhookUrlRejected, check_callback_url, resolve_target, split_url
 
 USER_AGENT = "ds-gateway-webhook/1"
+# Characters left as they are in the request target (the rest is percent-encoded).
+URL_SAFE = "/%:@!$&'()*+,;=-._~?"
 READ_SIZE = 4096
 
 
@@ -63,6 +66,16 @@ class _Exchange:
     status: int | None = None
     body: bytes = b""
     truncated = False
+
+
+def ascii_host(host: str) -> str:
+    """An internationalised name as it goes on the wire (DNS, Host, SNI): IDNA."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise WebhookUrlRejected(f"webhook host {host!r} is not a valid name") from exc
 
 
 def parse_done(body: bytes) -> bool:
@@ -117,16 +130,19 @@ class WebhookClient:
 
     async def _exchange(self, url: str, body: bytes, headers: dict[str, str], seen: _Exchange) -> None:
         parts = split_url(url)
-        host = parts.hostname or ""
+        host = ascii_host(parts.hostname or "")
         tls = parts.scheme.lower() == "https"
         port = parts.port or (443 if tls else 80)
         addresses = await resolve_target(host, port, self.allow_private)
         reader, writer = await self._connect(addresses, port, host if tls else None)
         try:
             conn = h11.Connection(h11.CLIENT)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            target = quote(parts.path or "/", safe=URL_SAFE) + (
+                f"?{quote(parts.query, safe=URL_SAFE)}" if parts.query else ""
+            )
+            host_header = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
             request_headers = [
-                ("Host", parts.netloc),
+                ("Host", host_header),
                 ("User-Agent", USER_AGENT),
                 ("Content-Length", str(len(body))),
                 ("Connection", "close"),

@@ -266,6 +266,12 @@ async def test_the_name_is_resolved_once_and_kept_in_host(receivers, resolve_nam
     assert result == DeliveryResult(200, True, None)
     assert resolve_names["lookups"] == 1
     assert r.requests[0].headers["host"] == f"hooks.example.test:{r.port}"
+    # An internationalised name travels as IDNA (lookup and Host); a raw path is percent-encoded.
+    resolve_names["xn--bcher-kva.test"] = "127.0.0.1"
+    result = await deliver(client(allow_private=True), r.url(host="bücher.test", path="/hook/é?a=ü"))
+    assert result == DeliveryResult(200, True, None)
+    assert r.requests[1].headers["host"] == f"xn--bcher-kva.test:{r.port}"
+    assert r.requests[1].target == "/hook/%C3%A9?a=%C3%BC"
 
 
 def self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
