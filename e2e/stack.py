@@ -266,6 +266,9 @@ def up(
         if not stack.database_url:
             stack.procs.append(start_stack_postgres())
             stack.database_url = f"postgresql://postgres@127.0.0.1:{stack.procs[-1].port}/postgres"
+        lb_port = port or int(os.environ.get("STACK_PORT", "0") or 0) or free_port()
+        # Subscriptions hand out URLs on the balancer (jwks_url, callback_url).
+        extra.setdefault("DSGW_PUBLIC_URL", f"http://127.0.0.1:{lb_port}")
         for _ in range(replicas):
             stack.procs.append(start_gateway_replica(stack, extra))
         for proc in stack.find("gateway"):
@@ -275,7 +278,6 @@ def up(
             stack.procs.append(start_worker(stack, kind))
         nginx_dir = STACK_DIR / "nginx"
         nginx_dir.mkdir()
-        lb_port = port or int(os.environ.get("STACK_PORT", "0") or 0) or free_port()
         conf = (ROOT / "deploy" / "nginx.conf").read_text()
         conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{lb_port};")
         (nginx_dir / "nginx.conf").write_text(conf)
