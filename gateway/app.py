@@ -32,6 +32,7 @@ from .redis_client import connect
 from .routes import STREAM_PREFIX, StreamRoutes
 from .settings import Settings
 from .store import Store
+from .subscriptions.service import SubscriptionService
 from .sweeper import sweep_forks_forever
 from .tiering.history import History
 
@@ -83,6 +84,8 @@ class Gateway:
         self.target: Any
         self.store: Store
         self.hub: LiveHub
+        # /v1/stream/__ds/... and the wake dispatcher (gateway/subscriptions/).
+        self.subscriptions: SubscriptionService | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -126,6 +129,8 @@ class Gateway:
         await self.hub.start()
         self._drain_watch = asyncio.create_task(self._watch_for_shutdown())
         self._fork_sweeper = asyncio.create_task(sweep_forks_forever(self.store, s.fork_sweep_ms / 1000))
+        self.subscriptions = SubscriptionService(self)
+        self.subscriptions.start()
 
     async def _watch_for_shutdown(self) -> None:
         """uvicorn keeps serving in-flight requests after SIGTERM but tells no
@@ -146,6 +151,8 @@ class Gateway:
             self._drain_watch.cancel()
         if self._fork_sweeper:
             self._fork_sweeper.cancel()
+        if self.subscriptions:
+            await self.subscriptions.stop()
         await self.hub.stop()
         if self.store.history:
             await self.store.history.close()

@@ -124,6 +124,15 @@ class Settings:
     # How often a replica reloads the signing and token keys from Redis (a key
     # rotation publishes its new key this long, and more, before it signs).
     webhook_keys_refresh_s: int = 60
+    # Subscriptions (gateway/subscriptions/): the base of the URLs handed out
+    # (jwks_url, callback_url), e.g. https://streams.example.com. Required behind a
+    # load balancer; empty: the listening address (a single process). Never taken
+    # from Host or forwarded headers.
+    public_url: str = ""
+    # How often each replica polls the shards' wake queues and the timers, and
+    # how often its recovery sweep looks at every subscription.
+    subscriptions_poll_ms: int = 50
+    subscriptions_sweep_s: int = 30
     # The web console at /console (gateway/console.py); its data behind auth when auth is on.
     console: bool = True
     # Tiered history (gateway/tiering/): the Postgres database holding
@@ -202,6 +211,9 @@ class Settings:
                 "DSGW_WEBHOOK_MAX_PAYLOAD_BYTES", cls.webhook_max_payload_bytes
             ),
             webhook_keys_refresh_s=env_int("DSGW_WEBHOOK_KEYS_REFRESH_S", cls.webhook_keys_refresh_s),
+            public_url=_str("DSGW_PUBLIC_URL", ""),
+            subscriptions_poll_ms=env_int("DSGW_SUBSCRIPTIONS_POLL_MS", cls.subscriptions_poll_ms),
+            subscriptions_sweep_s=env_int("DSGW_SUBSCRIPTIONS_SWEEP_S", cls.subscriptions_sweep_s),
             console=_str("DSGW_CONSOLE", "true").lower() in ("1", "true", "yes"),
             history_database_url=_history_url(),
             history_timeout_ms=env_int("DSGW_HISTORY_TIMEOUT_MS", cls.history_timeout_ms),

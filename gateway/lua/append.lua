@@ -5,6 +5,7 @@
 -- Input:
 --   KEYS[1..7] meta, data, producers, forks, shard feed, tombstone of the stream,
 --              fork deadlines of its shard
+--   KEYS[8..9] subscription links of the stream (SET), the shard's wake queue (ZSET)
 --   ARGV[1] media type of the request (lowercased, no parameters)
 --   ARGV[2] '1' to close the stream with this append, else ''
 --   ARGV[3] Stream-Seq, or ''
@@ -95,5 +96,10 @@ if pid ~= '' then
   save_producer(pid, epoch, seq, now, tonumber(ARGV[10]), tonumber(ARGV[11]))
 end
 touch(m, now)
+-- Subscriptions: a linked stream queues its wake atomically with the append
+-- (one EXISTS for the others); gateway/subscriptions/dispatch.py drains the queue.
+if last and redis.call('EXISTS', KEYS[8]) == 1 then
+  redis.call('ZADD', KEYS[9], now, m.name)
+end
 redis.call(ARGV[7], ARGV[8], tail)
 return {'ok', tail, closed}

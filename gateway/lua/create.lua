@@ -5,6 +5,7 @@
 -- Input:
 --   KEYS[1..7] meta, data, producers, forks, shard feed, tombstone of the new stream,
 --              fork deadlines of its shard
+--   KEYS[8..9] subscription links of the stream (SET), the shard's wake queue (ZSET)
 --   ARGV[1]  content type as sent (stored and echoed byte-exact)
 --   ARGV[2]  media type (lowercased, no parameters), compared on re-create
 --   ARGV[3]  '1' for JSON mode, else ''
@@ -22,7 +23,9 @@
 --   ARGV[15] '1' to record its appends in the sync feed (Postgres sink), else ''
 --   ARGV[16] '1' for a tiered stream (every append to the sync feed, for
 --            Postgres stream_history; Redis trimmed by retention), else ''
---   ARGV[17..] message groups (see add_groups): sub-offset prefix, initial body
+--   ARGV[17] ids of the pattern subscriptions matching the name, '\n'-separated, or ''
+--            (linked before the first append; gateway/subscriptions/patterns.py)
+--   ARGV[18..] message groups (see add_groups): sub-offset prefix, initial body
 --
 -- Output:
 --   {'created', tail, closed, released_src}  new stream; released_src names the
@@ -113,8 +116,15 @@ end
 
 local nm = {json = (ARGV[3] ~= '') or nil, sink = (ARGV[15] ~= '') or nil,
   tier = (ARGV[16] ~= '') or nil, name = ARGV[14]}
-local last, added = add_groups(nm, 17)
+local last, added = add_groups(nm, 18)
 tail = last or tail
+-- Subscriptions: link before the first append; a body counts as an append.
+for id in string.gmatch(ARGV[17], '[^\n]+') do
+  redis.call('SADD', KEYS[8], id)
+end
+if added > 0 and redis.call('EXISTS', KEYS[8]) == 1 then
+  redis.call('ZADD', KEYS[9], now, ARGV[14])
+end
 put('tail', tail)
 if added > 0 then
   put('bytes', int_str(added))

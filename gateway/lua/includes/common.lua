@@ -6,6 +6,7 @@
 --   KEYS[4] forks (SET)   KEYS[5] the shard's sync feed (STREAM)
 --   KEYS[6] tombstone (STRING): last entry ID of a removed stream of this name
 --   KEYS[7] the shard's fork deadlines (ZSET): fork name -> when it expires (ms)
+--   KEYS[8] subscription ids linked to the stream (SET)   KEYS[9] the shard's wake queue (ZSET)
 --
 -- Meta fields: name (the stream's name), sink ('1': appends go to the sync
 -- feed), ct (content type as sent), mt (media type: lowercased, no
