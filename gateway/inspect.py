@@ -18,7 +18,9 @@ from .keys import META_SCAN_PATTERN, name_from_meta_key, stream_keys
 from .offsets import ZERO_ID, EntryId, format_offset, parse_entry_id
 from .protocol import sse_needs_base64
 from .redis_client import RedisTarget
+from .settings import Settings
 from .store import Store, StreamMeta, parse_meta
+from .tiering.history import History
 
 
 def _text(value: bytes | str) -> str:
@@ -187,9 +189,10 @@ async def _start_of_last(target: RedisTarget, store: Store, name: str, meta: Str
     newest = await target.client.xrevrange(stream_keys(name).data, count=n + 1)
     if len(newest) == n + 1:
         return parse_entry_id(newest[-1][0])
-    if not meta.source:
+    if not meta.source and meta.trim is None:
         return ZERO_ID
-    # A fork with fewer own messages: walk its whole (inherited) history.
+    # A fork with fewer own messages, or a stream whose older messages left
+    # Redis (tiered history): walk its whole history.
     window: collections.deque[EntryId] = collections.deque(maxlen=n + 1)
     after = ZERO_ID
     while True:
@@ -212,6 +215,23 @@ async def tail(
     """The messages after `start` (an offset, or NOW), or the `last` N; with
     `follow`, waits for more until the stream is closed."""
     store = Store(target.mux)
+    settings = Settings.from_env()
+    if settings.history_database_url:
+        # Messages trimmed from Redis come from Postgres (tiered history).
+        store.history = History(
+            settings.history_database_url, timeout_s=settings.history_timeout_ms / 1000, max_connections=1
+        )
+    try:
+        async for message in _tail(target, store, name, start, follow, last):
+            yield message
+    finally:
+        if store.history:
+            await store.history.close()
+
+
+async def _tail(
+    target: RedisTarget, store: Store, name: str, start: EntryId | str, follow: bool, last: int | None
+) -> AsyncIterator[Message]:
     keys = stream_keys(name)
     meta, _ = await store.read_entries(name, ZERO_ID, limit=0)  # 404/410 for a missing stream
     if last is not None:

@@ -16,8 +16,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -39,6 +40,10 @@ class _Channel:
     # One future per waiting reader, resolved by the next notification.
     waiters: set[asyncio.Future[None]] = field(default_factory=set)
     confirmed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Called with the new version on every notification (gateway/sse_fanout.py).
+    listeners: dict[Any, Callable[[Any, int], None]] = field(default_factory=dict)
+    # Readers resting (Watch.rest): not woken by notifications, only by wake_all.
+    resting: set[asyncio.Future[None]] = field(default_factory=set)
 
     def bump(self) -> None:
         self.notified_at = time.monotonic()
@@ -47,6 +52,13 @@ class _Channel:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+        for key, listener in list(self.listeners.items()):
+            listener(key, self.version)
+
+    def wake_everyone(self) -> None:
+        self.bump()
+        for waiter in list(self.resting):
+            _wake(waiter)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -76,6 +88,39 @@ class Watch:
         # The caller reads next: that read covers every notification so far
         # (the confirmation's own wake-up included).
         self._seen = self._channel.version
+
+    @property
+    def pending(self) -> bool:
+        """A notification came after the last one this watch took into account."""
+        return self._channel.version != self._seen
+
+    def seen_all(self) -> None:
+        """The caller reads next: that read covers every notification so far."""
+        self._seen = self._channel.version
+
+    def listen(self, key: Any, listener: Callable[[Any, int], None]) -> None:
+        """Call `listener(key, version)` on every notification of the channel."""
+        self._channel.listeners[key] = listener
+
+    def unlisten(self, key: Any) -> None:
+        self._channel.listeners.pop(key, None)
+
+    async def rest(self, waiter: asyncio.Future[None], timeout_s: float) -> None:
+        """Wait for `waiter` (resolved by whoever parked this reader), for
+        `interrupt`, for LiveHub.wake_all or for the timeout; notifications
+        do not end a rest."""
+        if self.interrupted:
+            return
+        channel = self._channel
+        self._waiter = waiter
+        channel.resting.add(waiter)
+        timer = asyncio.get_running_loop().call_later(max(0.0, timeout_s), _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            channel.resting.discard(waiter)
+            self._waiter = None
 
     def interrupt(self) -> None:
         self.interrupted = True
@@ -145,7 +190,7 @@ class LiveHub:
 
     def wake_all(self) -> None:
         for channel in self._channels.values():
-            channel.bump()
+            channel.wake_everyone()
 
     async def stop(self) -> None:
         if self._task:
@@ -153,7 +198,7 @@ class LiveHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for channel in self._channels.values():
-            channel.bump()
+            channel.wake_everyone()
         await self._close_pubsub()
 
     @contextlib.asynccontextmanager

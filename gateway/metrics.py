@@ -50,6 +50,10 @@ HTTP_DURATION = Histogram(
 LIVE_REFUSED = Counter(
     "dsgw_live_refused_total", "Live reads refused with 503: the replica's DSGW_MAX_LIVE_CONNECTIONS reached"
 )
+SSE_DIRECT_EVENTS = Counter(
+    "dsgw_sse_direct_events_total",
+    "SSE events written to a reader resting at its stream's tail by the stream's pump (no task wake-up)",
+)
 SSE_CUT_OFF = Counter(
     "dsgw_sse_cut_off_total", "SSE readers cut off for taking no data for DSGW_SSE_SEND_TIMEOUT_MS"
 )
@@ -90,12 +94,12 @@ class Batched:
     def inc(self, child: Any, amount: float = 1) -> None:
         self._counts[child] = self._counts.get(child, 0) + amount
 
-    def observe(self, child: Any, value: float) -> None:
+    def observe(self, child: Any, value: float, times: int = 1) -> None:
         cells = self._histograms.get(child)
         if cells is None:
             cells = self._histograms[child] = [0.0] * (len(child._upper_bounds) + 1)
-        cells[bisect.bisect_left(child._upper_bounds, value)] += 1
-        cells[-1] += value
+        cells[bisect.bisect_left(child._upper_bounds, value)] += times
+        cells[-1] += value * times
 
     def flush(self) -> None:
         counts, self._counts = self._counts, {}

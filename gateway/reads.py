@@ -24,6 +24,7 @@ from .live import Watch
 from .offsets import ZERO_ID, BadOffset, EntryId, format_offset, parse_offset
 from .protocol import ProblemError, bad_request, next_cursor, sse_needs_base64
 from .ratelimit import live_slot
+from .sse_fanout import DirectWriter, Fanout, ParkedReader
 from .store import ReadResult
 from .tiering.cold import retained_headers
 
@@ -64,6 +65,11 @@ class StreamReads:
         self._blocked_sends: dict[asyncio.Task[None], float] = {}
         self._cut: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        # SSE readers at their stream's tail get new events written by one
+        # pump per stream instead of waking up for each (gateway/sse_fanout.py).
+        self.fanout = Fanout(
+            self._live_read, lambda result, binary, cursor: _sse_event(result, binary, cursor, False)
+        )
 
     # --- HEAD ------------------------------------------------------------------
 
@@ -280,7 +286,9 @@ class StreamReads:
                     )
                     cursor_in = request.query_one("cursor")
                     token_end = request.scope.get(SCOPE_DEADLINE)
-                    async for chunk in self._sse_events(name, first, binary, cursor_in, watch, token_end):
+                    writer = DirectWriter.of(send)
+                    events = self._sse_events(name, first, binary, cursor_in, watch, writer, token_end)
+                    async for chunk in events:
                         await self._send(
                             task, send, {"type": "http.response.body", "body": chunk, "more_body": True}
                         )
@@ -335,6 +343,7 @@ class StreamReads:
         binary: bool,
         cursor_in: str | None,
         watch: Watch,
+        writer: DirectWriter | None,
         token_end: float | None = None,
     ):  # type: ignore[no-untyped-def]
         s = self.settings
@@ -374,7 +383,24 @@ class StreamReads:
                 now = time.monotonic()
                 if now >= lifetime_end or self.gw.draining or watch.interrupted:
                     return
-                changed = await watch.wait(min(lifetime_end - now, keepalive_s))
+                timeout_s = min(lifetime_end - now, keepalive_s)
+                if writer is not None and not watch.pending:
+                    # Rest at the tail: the stream's pump writes what comes next
+                    # straight to this reader's socket and moves `after` on;
+                    # this task only wakes for what the pump leaves to it.
+                    parked = ParkedReader(
+                        writer,
+                        after,
+                        (binary, cursor),
+                        asyncio.get_running_loop().create_future(),
+                        since_event,
+                    )
+                    await self.fanout.rest(name, watch, parked, timeout_s)
+                    after, since_event = parked.after, parked.last_write
+                    watch.seen_all()
+                    changed = False
+                else:
+                    changed = await watch.wait(timeout_s)
                 if self.gw.draining or watch.interrupted:
                     return
                 if not changed and time.monotonic() - since_event >= keepalive_s:

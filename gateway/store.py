@@ -15,7 +15,7 @@ from .offsets import ZERO_ID, EntryId, entry_id_str, format_offset, parse_entry_
 from .protocol import JSON_MEDIA_TYPE, ProblemError, bad_request, is_json
 from .redis_mux import Mux
 from .scripts import Scripts
-from .tiering.cold import read_cold
+from .tiering.cold import ColdRange, read_cold, read_cold_entries
 from .tiering.history import History
 
 
@@ -478,9 +478,8 @@ class Store:
             assert after is not None
             meta = parse_meta(reply[3])
             trim, base = parse_entry_id(reply[1]), parse_entry_id(reply[2])
-            rows = await read_cold(
-                self.history, name, after, trim, trim, base, max_bytes, max_entries, json=meta.json
-            )
+            span = ColdRange(name, after, trim, trim, base)
+            rows = await read_cold(self.history, span, max_bytes, max_entries, json=meta.json)
             assert rows.last is not None
             # Stops at trim at the latest: the next read continues in Redis.
             return ReadResult(meta, rows.body, rows.count, rows.last)
@@ -518,10 +517,8 @@ class Store:
                 # its trim point (or the segment's end); the next read goes on in Redis.
                 trim, base = parse_entry_id(reply[1]), parse_entry_id(reply[2])
                 upper = trim if end is None else min(trim, end)
-                rows = await read_cold(
-                    self.history, segment, start, upper, trim, base, budget, max_entries - count,
-                    json=meta.json,
-                )  # fmt: skip
+                span = ColdRange(segment, start, upper, trim, base)
+                rows = await read_cold(self.history, span, budget, max_entries - count, json=meta.json)
                 assert rows.last is not None
                 parts.append(rows.body)
                 count += rows.count
@@ -571,13 +568,47 @@ class Store:
                 if len(entries) >= limit:
                     break
                 assert end is not None
-                raw = await self._xrange(stream_keys(segment).data, start, end, limit - len(entries))
-                entries += parse_entries(raw, end)
+                entries += await self._segment_entries(segment, start, end, limit - len(entries))
         if len(entries) < limit:
             start = max(after, meta.fork_offset or ZERO_ID)
-            raw = await self._xrange(stream_keys(name).data, start, cap, limit - len(entries))
-            entries += parse_entries(raw, cap)
+            entries += await self._segment_entries(name, start, cap, limit - len(entries))
         return entries
+
+    async def _segment_entries(
+        self, name: str, after: EntryId, cap: EntryId | None, limit: int
+    ) -> list[Entry]:
+        """Up to `limit` entries of one stream's own data in (after, cap]; its
+        trimmed part from the history (tiered history)."""
+        if limit <= 0:
+            return []
+        keys = stream_keys(name)
+        for _ in range(3):
+            trim, base = await self._trim_point(keys)
+            entries: list[Entry] = []
+            start = after
+            if trim is not None and start < trim:
+                upper = trim if cap is None else min(trim, cap)
+                rows = await read_cold_entries(self.history, ColdRange(name, start, upper, trim, base), limit)
+                entries = [
+                    Entry(eid, data, 0 if cap is not None and eid >= cap else more)
+                    for eid, data, more in rows
+                ]
+                if len(entries) >= limit or upper == cap:
+                    return entries
+                start = upper
+            raw = await self._xrange(keys.data, start, cap, limit - len(entries))
+            # Not atomic (unlike read.lua): entries trimmed above `start` between
+            # the two reads would leave a gap, so then read again.
+            now_trim, _ = await self._trim_point(keys)
+            if now_trim is None or now_trim <= start:
+                return entries + parse_entries(raw, cap)
+        raise ProblemError(503, "Stream is being trimmed", "try again", headers={"retry-after": "1"})
+
+    async def _trim_point(self, keys: StreamKeys) -> tuple[EntryId | None, EntryId]:
+        trim, base = await self.mux.execute(
+            "HMGET", keys.meta, "trim", "base", key=keys.meta, retry_if_lost=True
+        )
+        return (parse_entry_id(trim) if trim else None), parse_entry_id(base or "0-0")
 
     async def _xrange(self, data_key: str, after: EntryId, upper: EntryId | None, count: int) -> list[Any]:
         end = entry_id_str(upper) if upper else "+"

@@ -29,7 +29,8 @@ SELECT ds_offset, more, data FROM (
 WHERE before < greatest($5::bigint, 1)
 ORDER BY ds_offset
 """
-# The rest of an append the budget stopped in: `more` says how many rows follow.
+# Rows in order: the rest of an append the budget stopped in (`more` says how
+# many rows follow), or a tool's page of messages.
 _REST = """
 SELECT ds_offset, more, data FROM stream_history
  WHERE stream_name = $1 AND ds_offset > $2 AND ds_offset <= $3
@@ -104,6 +105,20 @@ class History:
                 return await _collect(conn, stream, max(after, base), upper, max_bytes, max_entries, json)
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise HistoryUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def read_entries(
+        self, stream: str, after: EntryId, upper: EntryId, base: EntryId, limit: int
+    ) -> list[tuple[EntryId, bytes, int]]:
+        """Up to `limit` rows of `stream` in (after, upper] above `base`, each as
+        (entry ID, payload, more): for tools that print offsets per message."""
+        try:
+            pool = await self._get_pool()
+            async with pool.acquire(timeout=self.timeout_s) as conn:
+                lower = format_offset(max(after, base))
+                rows = await conn.fetch(_REST, stream, lower, format_offset(upper), limit)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise HistoryUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return [(parse_offset(offset), data, more) for offset, more, data in rows]
 
 
 async def _collect(

@@ -26,6 +26,7 @@ from gateway.inspect import stream_info
 from gateway.keys import stream_keys
 from gateway.offsets import entry_id_to_offset
 from tests.conftest import GatewayProcess, start_gateway
+from tests.integration.test_cli import dsgw
 
 JSON = "application/json"
 CHUNK_BYTES = 4096  # small, so that a few dozen messages make many chunks
@@ -196,6 +197,9 @@ async def test_catch_up_across_the_boundary_is_byte_identical(gw, r, pg, unique,
                 before.start, before.next, before.body, before.etag
             )  # fmt: skip
             assert not after.up_to_date
+        # A cold chunk answers If-None-Match like a hot one.
+        again = await client.get(url, params={"offset": "-1"}, headers={"if-none-match": cold[0].etag})
+        assert again.status_code == 304 and again.headers["etag"] == cold[0].etag
         # Any offset below the trim point resumes exactly there.
         middle = hot[1].next
         from_middle = await catch_up(client, url, middle)
@@ -338,6 +342,13 @@ async def test_without_history_reads_below_the_trim_point_are_410(gw_none, r, pg
         head = await client.head(url)
         assert head.headers["stream-earliest-offset"] == trim
         assert head.headers["stream-hot-offset"] == trim
+        fork = gw_none.stream_url(f"{unique}-fork")
+        created = await client.put(
+            fork, headers={"content-type": JSON, "stream-forked-from": f"/v1/stream/{unique}"}
+        )
+        assert created.status_code == 201
+        refused = await client.get(fork, params={"offset": "-1"})
+        assert refused.status_code == 410 and refused.headers["stream-earliest-offset"] == trim
         metrics = (await client.get(f"{gw_none.url}/metrics")).text
         assert 'dsgw_cold_read_errors_total{reason="no_history"}' in metrics
 
@@ -386,3 +397,54 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0
+
+
+async def test_dsgw_tail_prints_trimmed_messages_from_history(
+    gw, r, pg, redis_server, postgres_server, unique
+):
+    url = gw.stream_url(unique)
+    async with httpx.AsyncClient(timeout=20) as client:
+        await make_stream(client, url, JSON, [b'[{"m":%d},{"m":%d}]' % (i, i + 1) for i in range(0, 40, 2)])
+    untrimmed = dsgw(redis_server.url, "tail", unique, "--json")
+    assert untrimmed.returncode == 0, untrimmed.stderr
+    await trim_by_hand(r, pg, unique, keep=6)
+    tiered = dsgw(redis_server.url, "tail", unique, "--json", DSGW_HISTORY_DATABASE_URL=postgres_server.url)
+    assert tiered.returncode == 0, tiered.stderr
+    assert tiered.stdout == untrimmed.stdout
+    assert len(tiered.stdout.splitlines()) == 40
+    last = dsgw(redis_server.url, "tail", unique, "-n", "9", DSGW_HISTORY_DATABASE_URL=postgres_server.url)
+    assert [json.loads(line.split("  ", 1)[1]) for line in last.stdout.splitlines()] == [
+        {"m": i} for i in range(31, 40)
+    ]
+    refused = dsgw(redis_server.url, "tail", unique, DSGW_HISTORY_DATABASE_URL="-")
+    assert refused.returncode == 1
+    assert "Offset below the retained data" in refused.stderr
+
+
+async def test_fork_with_a_sub_offset_below_the_trim_point(gw, r, pg, unique):
+    """The fork's first append copies part of the source's next append, which
+    may already be in the history only."""
+    source = gw.stream_url(unique)
+    async with httpx.AsyncClient(timeout=20) as client:
+        await make_stream(
+            client,
+            source,
+            JSON,
+            [b'[{"m":%d},{"m":%d},{"m":%d}]' % (i, i + 1, i + 2) for i in range(0, 30, 3)],
+        )
+        offsets = [entry_id_to_offset(eid) for eid, _ in await r.xrange(stream_keys(unique).data)]
+        fork_headers = {
+            "content-type": JSON,
+            "stream-forked-from": f"/v1/stream/{unique}",
+            "stream-fork-offset": offsets[5],  # the end of the second append
+            "stream-fork-sub-offset": "2",
+        }
+        before = gw.stream_url(f"{unique}-before")
+        assert (await client.put(before, headers=fork_headers)).status_code == 201
+        expected = joined(await catch_up(client, before), True)
+        assert expected == b",".join(b'{"m":%d}' % i for i in range(8))
+        await trim_by_hand(r, pg, unique, keep=3)
+        after = gw.stream_url(f"{unique}-after")
+        created = await client.put(after, headers=fork_headers)
+        assert created.status_code == 201, created.text
+        assert joined(await catch_up(client, after), True) == expected
