@@ -156,6 +156,11 @@ def json_appends() -> list[bytes]:
     return appends
 
 
+def small_json_appends() -> list[bytes]:
+    """Chunks end by message count (CHUNK_ENTRIES), after the append that reaches it."""
+    return [b"[" + b",".join(b"%d" % (i * 7 + k) for k in range(7)) + b"]" for i in range(30)]
+
+
 def byte_appends() -> list[bytes]:
     return [os.urandom(CHUNK_BYTES * 3 if i % 6 == 0 else 100 + i) for i in range(30)]
 
@@ -173,8 +178,13 @@ async def make_stream(client: httpx.AsyncClient, url: str, content_type: str, ap
 
 @pytest.mark.parametrize(
     ("content_type", "appends"),
-    [(JSON, json_appends()), ("application/octet-stream", byte_appends()), ("text/plain", text_appends())],
-    ids=["json", "bytes", "text"],
+    [
+        (JSON, json_appends()),
+        (JSON, small_json_appends()),
+        ("application/octet-stream", byte_appends()),
+        ("text/plain", text_appends()),
+    ],
+    ids=["json", "json-by-count", "bytes", "text"],
 )
 async def test_catch_up_across_the_boundary_is_byte_identical(gw, r, pg, unique, content_type, appends):
     json_mode = content_type == JSON
