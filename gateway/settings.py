@@ -129,9 +129,11 @@ class Settings:
     # load balancer; empty: the listening address (a single process). Never taken
     # from Host or forwarded headers.
     public_url: str = ""
-    # How often each replica polls the shards' wake queues and the timers, and
-    # how often its recovery sweep looks at every subscription.
-    subscriptions_poll_ms: int = 50
+    # The longest pause between two rounds of a replica over the shards' wake
+    # queues (one pipelined command per shard; 20 ms right after work, doubling
+    # while idle) and between two looks at the timers; and how often its
+    # recovery sweep looks at every subscription.
+    subscriptions_poll_ms: int = 500
     subscriptions_sweep_s: int = 30
     # The web console at /console (gateway/console.py); its data behind auth when auth is on.
     console: bool = True

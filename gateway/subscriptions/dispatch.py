@@ -5,7 +5,8 @@
   append.lua / create.lua atomically with the append) and tells each linked
   subscription the stream's new tail (sub_notify.lua), issuing wakes. One
   pipelined round over every shard per poll, and only while any subscription
-  exists. A queue entry is claimed by re-scoring and removed only after every
+  exists; the pause between idle rounds grows from 20 ms to
+  DSGW_SUBSCRIPTIONS_POLL_MS. A queue entry is claimed by re-scoring and removed only after every
   subscription heard of it, so a dispatcher that dies loses nothing: the entry
   falls due again after QUEUE_VISIBILITY_MS.
 - the timer loop serves `dssubs:timers` (leases running out, deliveries to
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dsgw.subscriptions")
 
 QUEUE_VISIBILITY_MS = 10_000
+# Shortest pause between two idle rounds over the shards (right after work).
+MIN_PAUSE_S = 0.02
 QUEUE_BATCH = 100
 TIMER_BATCH = 100
 
@@ -46,7 +49,7 @@ class Dispatcher:
 
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._forever(self.drain_queues, self.poll_s)),
+            asyncio.create_task(self._forever(self.drain_queues, self.poll_s, backoff=True)),
             asyncio.create_task(self._forever(self.serve_timers, self.poll_s)),
             asyncio.create_task(self._forever(self.sweep, self.sweep_s)),
         ]
@@ -56,7 +59,11 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _forever(self, step: Any, pause_s: float) -> None:
+    async def _forever(self, step: Any, pause_s: float, backoff: bool = False) -> None:
+        """Run `step` again at once while it finds work; otherwise pause. With
+        `backoff` the pause starts short after work and doubles up to `pause_s`
+        while idle: quick after activity, few round trips when quiet."""
+        pause = MIN_PAUSE_S if backoff else pause_s
         while True:
             try:
                 busy = await step()
@@ -65,8 +72,11 @@ class Dispatcher:
             except Exception as exc:  # Redis down, a bug: log, go on
                 log.warning("subscription task failed: %s: %s", type(exc).__name__, exc)
                 busy = False
-            if not busy:
-                await asyncio.sleep(pause_s)
+            if busy:
+                pause = MIN_PAUSE_S if backoff else pause_s
+                continue
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, pause_s)
 
     # --- the shards' wake queues ----------------------------------------------------------
 
