@@ -31,6 +31,7 @@ from .openapi import openapi_routes
 from .redis_client import connect
 from .routes import STREAM_PREFIX, StreamRoutes
 from .settings import Settings
+from .shard_stats import shard_stats_forever
 from .store import Store
 from .subscriptions.service import SubscriptionService
 from .sweeper import sweep_forks_forever
@@ -80,6 +81,7 @@ class Gateway:
         self.draining = False
         self._drain_watch: asyncio.Task[None] | None = None
         self._fork_sweeper: asyncio.Task[None] | None = None
+        self._shard_stats: asyncio.Task[None] | None = None
         self.redis: aioredis.Redis
         self.target: Any
         self.store: Store
@@ -129,6 +131,8 @@ class Gateway:
         await self.hub.start()
         self._drain_watch = asyncio.create_task(self._watch_for_shutdown())
         self._fork_sweeper = asyncio.create_task(sweep_forks_forever(self.store, s.fork_sweep_ms / 1000))
+        if s.shard_stats_s > 0:
+            self._shard_stats = asyncio.create_task(shard_stats_forever(target, s.shard_stats_s))
         self.subscriptions = SubscriptionService(self)
         self.subscriptions.start()
 
@@ -151,6 +155,8 @@ class Gateway:
             self._drain_watch.cancel()
         if self._fork_sweeper:
             self._fork_sweeper.cancel()
+        if self._shard_stats:
+            self._shard_stats.cancel()
         if self.subscriptions:
             await self.subscriptions.stop()
         await self.hub.stop()

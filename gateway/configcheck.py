@@ -87,7 +87,7 @@ async def check(mask: Callable[[str], str]) -> dict[str, Any]:
         problems.append(_error(f"DSGW_SHARDS={shards!r} is not a positive integer"))
     gateway = _load(Settings.from_env, "gateway", problems)
     if gateway and (not shards or shards.isdigit()):
-        gateway["shards"] = int(shards or 16)  # gateway/keys.py reads it
+        gateway["shards"] = int(shards or 1024)  # gateway/keys.py reads it
     worker = _load(WorkerSettings.from_env, "worker", problems)
     data_dir = devstate.data_dir_from_env()
     state = devstate.read(data_dir)

@@ -191,6 +191,11 @@ def split_stream_key(key: str) -> tuple[str, str, str] | None:
 META_SCAN_PATTERN = f"{PREFIX}:{{*}}:*:meta"
 STREAM_KEYS_SCAN_PATTERN = f"{PREFIX}:{{*}}:*"
 
+# Redis memory per shard (gateway/shard_stats.py): HASH shard -> "keys bytes",
+# written by whichever gateway holds the lease (STRING, PX) of the interval.
+SHARD_STATS = "dsstats:shards"
+SHARD_STATS_LEASE = "dsstats:lease"
+
 RATE_PREFIX = "dsrl"
 
 

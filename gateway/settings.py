@@ -81,6 +81,9 @@ class Settings:
     # How often each gateway process removes forks whose TTL or Expires-At
     # passed and that nobody touched since (gateway/sweeper.py).
     fork_sweep_ms: int = 30_000
+    # How often Redis memory per shard is measured for /metrics (gateway/shard_stats.py;
+    # one process of the deployment measures, all report); 0 = never.
+    shard_stats_s: int = 300
     # Access-Control-Allow-Origin values; "*" allows any origin.
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     # Cross-Origin-Resource-Policy on every response.
@@ -182,6 +185,7 @@ class Settings:
             read_chunk_bytes=env_int("DSGW_READ_CHUNK_BYTES", cls.read_chunk_bytes),
             read_chunk_entries=env_int("DSGW_READ_CHUNK_ENTRIES", cls.read_chunk_entries),
             fork_sweep_ms=env_int("DSGW_FORK_SWEEP_MS", cls.fork_sweep_ms),
+            shard_stats_s=env_int("DSGW_SHARD_STATS_S", cls.shard_stats_s),
             cors_origins=_list("DSGW_CORS_ORIGINS", ["*"]),
             cross_origin_resource_policy=_str(
                 "DSGW_CROSS_ORIGIN_RESOURCE_POLICY", cls.cross_origin_resource_policy

@@ -10,21 +10,21 @@ import tomllib
 from pathlib import Path
 
 from gateway import __version__
-from gateway.keys import stream_keys
+from gateway.keys import shard_tag, stream_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_redis_keys_name_the_streams_shard() -> None:
     readme = (ROOT / "README.md").read_text()
-    keys = re.findall(r"'ds:\{s(\d+)\}:([^':]+):(\w+)'", readme)
+    keys = re.findall(r"'ds:(\{\w+\}):([^':]+):(\w+)'", readme)
     assert keys, "no redis-cli key examples in README.md"
-    for shard, name, _suffix in keys:
-        assert int(shard) == stream_keys(name).shard, (
-            f"{name} lives in shard {stream_keys(name).shard}, not {shard}"
+    for tag, name, _suffix in keys:
+        assert tag == shard_tag(stream_keys(name).shard), (
+            f"{name} lives in {shard_tag(stream_keys(name).shard)}"
         )
-    for shard in re.findall(r"'dsfeed:\{s(\d+)\}'", readme):
-        assert int(shard) == stream_keys("chat/room-1").shard
+    for tag in re.findall(r"'dsfeed:(\{\w+\})'", readme):
+        assert tag == shard_tag(stream_keys("chat/room-1").shard)
 
 
 def test_readme_quickstart_curls_show_the_response() -> None:
