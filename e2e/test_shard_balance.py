@@ -45,6 +45,17 @@ def keys_per_master(redis_url: str, prefix: str) -> dict[str, int]:
     return counts
 
 
+async def shard_stats(redis_url: str) -> dict[int, tuple[int, int]]:
+    from gateway.redis_client import connect
+    from gateway.shard_stats import collect
+
+    target = await connect(redis_url, max_connections=4)
+    try:
+        return await collect(target)
+    finally:
+        await target.close()
+
+
 def assert_balanced(counts: dict[str, int], masters: int) -> None:
     print(f"keys per master on {masters} masters: {sorted(counts.values())}")
     assert len(counts) == masters
@@ -68,6 +79,9 @@ def test_streams_spread_within_10_percent_over_6_masters():  # type: ignore[no-u
         stack_module.wait_ready(f"http://127.0.0.1:{gateway.port}/readyz")
         asyncio.run(create_streams(f"http://127.0.0.1:{gateway.port}", "balance6", STREAMS))
         assert_balanced(keys_per_master(own.redis_url, "balance6"), 6)
+        stats = asyncio.run(shard_stats(own.redis_url))  # what /metrics reports per shard
+        assert len(stats) == 1024 and sum(keys for keys, _ in stats.values()) >= 2 * STREAMS
+        assert all(size > 0 for keys, size in stats.values() if keys)
     finally:
         for proc in reversed(own.procs):  # only what this test started, by PID
             stack_module.stop_proc(proc)
