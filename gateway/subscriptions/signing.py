@@ -46,6 +46,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import jwt
@@ -122,8 +123,14 @@ class StoredKey:
         )
 
 
+@lru_cache(maxsize=16)  # a handful of keys, used for every delivery: parse each once
+def _private_key(private: bytes) -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.from_private_bytes(private)
+
+
+@lru_cache(maxsize=16)
 def _public_x(private: bytes) -> str:
-    public = Ed25519PrivateKey.from_private_bytes(private).public_key()
+    public = _private_key(private).public_key()
     return b64url(public.public_bytes(Encoding.Raw, PublicFormat.Raw))
 
 
@@ -199,7 +206,7 @@ class Keys:
     def signature_header(self, body: bytes, now: int) -> str:
         """`Webhook-Signature: t=<unix>,kid=<kid>,ed25519=<base64url over "<t>.<body>">`."""
         key = _active(self.signing, now)
-        signature = Ed25519PrivateKey.from_private_bytes(key.secret).sign(f"{now}.".encode() + body)
+        signature = _private_key(key.secret).sign(f"{now}.".encode() + body)
         return f"t={now},kid={key.kid},ed25519={b64url(signature)}"
 
     def issue_token(
