@@ -211,3 +211,39 @@ async def test_postgres_down_holds_the_trim(tiered_gateway, redis_server, r, uni
         sink.stop()
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_synced_waits_for_older_feed_entries_pending_with_another_sink(redis_server, unique):
+    """Two sinks share a feed: the newer batch of a stream commits first. Its
+    entries must not be claimed synced (and trimmable) while the older batch,
+    pending with the other sink, is not in Postgres yet."""
+    import redis.asyncio as aioredis
+
+    from gateway.keys import feed_key
+    from workers.tiering import Trimmer
+
+    client = aioredis.Redis.from_url(redis_server.url)
+    keys = stream_keys(unique)
+    feed = feed_key(keys.shard)
+    try:
+        await client.hset(keys.meta, "name", unique)
+        first = await client.xadd(keys.data, {"json": "1"})
+        second = await client.xadd(keys.data, {"json": "2"})
+        with contextlib.suppress(redis.ResponseError):
+            await client.xgroup_create(feed, "dsgw-sink", id="$", mkstream=True)
+        older = await client.xadd(feed, {"stream": unique, "ids": first})
+        newer = await client.xadd(feed, {"stream": unique, "ids": second})
+        await client.xreadgroup("dsgw-sink", "other", {feed: ">"}, count=1)  # older: pending there
+        await client.xreadgroup("dsgw-sink", "me", {feed: ">"}, count=1)
+        await client.xack(feed, "dsgw-sink", newer)
+        trimmer = Trimmer(client, retain_messages=0, retain_seconds=None)
+        await trimmer.committed(feed, {unique: (newer, second)})
+        assert await client.hget(keys.meta, "synced") is None
+        assert await client.xlen(keys.data) == 2
+        await client.xack(feed, "dsgw-sink", older)
+        await trimmer.committed(feed, {})  # what the next batch or the sweep does
+        assert await client.hget(keys.meta, "synced") == second
+        assert await client.xlen(keys.data) == 0  # retention 0 messages: all committed, all trimmed
+    finally:
+        await client.delete(keys.meta, keys.data)
+        await client.aclose()
