@@ -211,7 +211,8 @@ async def test_a_slow_receiver_times_out(receivers) -> None:  # type: ignore[no-
         await stall.wait()
 
     r = await receivers(slow_body)
-    assert await deliver(client(timeout_ms=300), r.url()) == DeliveryResult(200, False, None)
+    # (2 s: room for the headers to arrive even on a loaded machine; the body never does.)
+    assert await deliver(client(timeout_ms=2000), r.url()) == DeliveryResult(200, False, None)
 
 
 async def test_a_huge_response_is_read_only_up_to_the_bound(receivers) -> None:  # type: ignore[no-untyped-def]
