@@ -327,3 +327,77 @@ def test_dsgw_subscriptions_lists_cursors_and_wake_state(pair, http, redis_serve
     row = next(r for r in json.loads(out.stdout) if r["id"] == sub)
     assert (row["type"], row["target"], row["holder"], row["generation"]) == ("pull-wake", wake, "lister", 1)
     assert [(s["path"], s["link"], s["acked"]) for s in row["streams"]] == [(stream, "glob", "-1")]
+
+
+def test_metrics_count_deliveries_claims_and_subscriptions(pair, http):
+    a, _ = pair
+    sub, wake, stream = pull_setup(a, http)
+    http.put(url(a, stream), json={"n": 1})
+    wait_for(lambda: wake_events(a, http, wake, sub))
+    claim(a, http, sub, "w")
+
+    def metric(text: str, name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+    # The recovery sweep samples the gauges; deliveries and claims count at once (on either replica).
+    def counted() -> bool:
+        texts = [http.get(f"{gw.url}/metrics").text for gw in pair]
+        return (
+            sum(
+                metric(t, 'dsgw_subscription_deliveries_total{outcome="sent",type="pull-wake"}')
+                for t in texts
+            )
+            >= 1
+            and sum(metric(t, "dsgw_subscription_claims_total") for t in texts) >= 1
+            and sum(metric(t, "dsgw_subscription_wakes_total") for t in texts) >= 1
+        )
+
+    wait_for(counted)
+    assert "dsgw_subscriptions " in http.get(f"{a.url}/metrics").text
+
+
+def test_with_auth_on_managing_needs_manage_and_callbacks_need_only_their_token(redis_server, tmp_path, http):
+    import jwt
+
+    secret = "subscription-test-secret-" + "x" * 32
+    gw = start_gateway(redis_server.url, tmp_path, **dict(ENV, DSGW_AUTH_JWT_SECRET=secret))
+
+    def token(ds: dict[str, list[str]]) -> dict[str, str]:
+        claims = {"sub": "t", "exp": int(time.time()) + 600, "ds": ds}
+        return {"authorization": f"Bearer {jwt.encode(claims, secret, algorithm='HS256')}"}
+
+    try:
+        tag = uuid.uuid4().hex[:8]
+        sub = f"auth-{tag}"
+        body = {"type": "pull-wake", "streams": [f"auth-{tag}/s"], "wake_stream": f"auth-{tag}/w"}
+        assert http.get(url(gw, "__ds/jwks.json")).status_code == 200  # public: receivers fetch it
+        assert http.put(url(gw, f"__ds/subscriptions/{sub}"), json=body).status_code == 401
+        reader = token({"read": ["__ds/subscriptions/*"]})
+        assert http.put(url(gw, f"__ds/subscriptions/{sub}"), json=body, headers=reader).status_code == 403
+        manager = token(
+            {"manage": [f"__ds/subscriptions/{sub}", f"auth-{tag}/**"], "read": ["**"], "append": ["**"]}
+        )
+        assert http.put(url(gw, f"__ds/subscriptions/{sub}"), json=body, headers=manager).status_code == 201
+        assert http.get(url(gw, f"__ds/subscriptions/{sub}"), headers=reader).status_code == 200
+        assert http.post(url(gw, f"__ds/subscriptions/{sub}/claim"), json={"worker": "w"}).status_code == 401
+        http.put(
+            url(gw, f"auth-{tag}/w"), content=b"[]", headers={**manager, "content-type": "application/json"}
+        )
+        http.put(url(gw, f"auth-{tag}/s"), json={"n": 1}, headers=manager)
+        claimed = wait_for(
+            lambda: (
+                (
+                    r := http.post(
+                        url(gw, f"__ds/subscriptions/{sub}/claim"), json={"worker": "w"}, headers=reader
+                    )
+                ).status_code
+                == 200
+                and r.json()
+            )
+        )
+        # The ack carries the wake's token, not a service token.
+        acks = [{"stream": st["path"], "offset": st["tail_offset"]} for st in claimed["streams"]]
+        done = ack(gw, http, sub, claimed, acks, done=True)
+        assert (done.status_code, done.json()) == (200, {"ok": True, "next_wake": False})
+    finally:
+        gw.stop()
