@@ -77,8 +77,14 @@ bench: install ## ds-gateway vs the reference server, same run, same load genera
 bench-sync: install ## Postgres sink/source throughput and lag, with a same-run COPY baseline
 	$(PY) -m e2e.bench_sync
 
+soak: install ## Tiered history: Redis memory flat under steady appends to 1,000 streams, catch-up from -1 (10 min; SOAK_ARGS="--minutes 2")
+	$(PY) -m e2e.soak_tiering $(SOAK_ARGS)
+
 bench-replicas: install ## Live delivery same replica vs across replicas (3 replicas, 3-master cluster)
 	$(PY) -m e2e.bench_fanout
+
+bench-scale: install ## docs/scaling.md's cost model vs the local stack on 1 and 3 masters; Redis and Postgres bytes per message (SCALE_ARGS="--seconds 5")
+	$(PY) -m e2e.bench_scale $(SCALE_ARGS)
 
 # The image the compose file, deploy/k8s and the Helm chart name: ds-gateway:<version in pyproject.toml>.
 IMAGE ?= ds-gateway:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -98,4 +104,4 @@ format: $(STAMP) ## Apply ruff's formatting and safe fixes
 clean: ## Remove the virtualenv, node_modules and caches (keeps ./data)
 	rm -rf $(VENV) e2e/node_modules e2e/bench/node_modules .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install image run serve test test-unit test-integration fuzz conformance stack stack-down e2e chaos bench bench-sync bench-replicas lint format clean
+.PHONY: help install image run serve test test-unit test-integration fuzz conformance stack stack-down e2e chaos bench bench-sync soak bench-replicas bench-scale lint format clean
