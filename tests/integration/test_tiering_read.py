@@ -3,17 +3,17 @@ are served from Postgres stream_history, byte for byte as Redis would have
 served them, and continue into Redis without a gap or a duplicate; without
 a history database they answer 410, with an unreachable one 503.
 
-Real Redis, Postgres and gateway processes. The trimming itself is done here
-by hand (`trim_by_hand`: the rows a sink would commit, then XTRIM and meta
-`synced`/`trim`), the way the tiering contract describes it, so these tests
-exercise the reading side on its own."""
+Real Redis, Postgres, gateway and sink processes: the gateways run with
+retention on (so the streams they create are tiered) and each test trims by
+starting a sink with the retention it wants (`trim`), after it has read the
+stream whole from Redis to compare with."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import asyncpg
@@ -25,7 +25,7 @@ from gateway.embedded import free_port
 from gateway.inspect import stream_info
 from gateway.keys import stream_keys
 from gateway.offsets import entry_id_to_offset
-from tests.conftest import GatewayProcess, start_gateway
+from tests.conftest import GatewayProcess, start_gateway, start_worker, wait_until
 from tests.integration.test_cli import dsgw
 
 JSON = "application/json"
@@ -57,6 +57,9 @@ def _gateway(redis_server, tmp_path_factory, history_url: str, **env: str) -> It
         DSGW_HISTORY_DATABASE_URL=history_url,
         DSGW_READ_CHUNK_BYTES=str(CHUNK_BYTES),
         DSGW_READ_CHUNK_ENTRIES=str(CHUNK_ENTRIES),
+        # Retention on: every stream this gateway creates is tiered (the limit
+        # itself is the sink's, see `trim`).
+        DSGW_RETAIN_MESSAGES="1000000",
         **env,
     )
     yield gw
@@ -82,32 +85,32 @@ def gw_dead(redis_server, tmp_path_factory) -> Iterator[GatewayProcess]:
     yield from _gateway(redis_server, tmp_path_factory, dead, DSGW_HISTORY_TIMEOUT_MS="2000")
 
 
-async def trim_by_hand(r: aioredis.Redis, pg: asyncpg.Connection, name: str, keep: int) -> str:
-    """What the sink and the trimmer do (issue 11's contract), by hand: every
-    entry but about the newest `keep` (never cutting an append) becomes a
-    stream_history row, then leaves Redis, and meta `synced`/`trim` say so.
-    Returns the trim point as a DS offset."""
-    keys = stream_keys(name)
-    entries = await r.xrange(keys.data)
-    cut = len(entries) - keep
-    while cut > 0 and b"more" in entries[cut - 1][1]:
-        cut -= 1  # the trim point ends an append
-    assert cut > 0
-    rows = [
-        (name, entry_id_to_offset(eid), int(f.get(b"more", 0)), f[b"json"] if b"json" in f else f[b"data"])
-        for eid, f in entries[:cut]
-    ]
-    await pg.executemany(
-        "INSERT INTO stream_history (stream_name, ds_offset, more, data) VALUES ($1, $2, $3, $4)"
-        " ON CONFLICT DO NOTHING",
-        rows,
-    )
-    trim = entries[cut - 1][0].decode()
-    ms, seq = trim.split("-")
-    await r.xtrim(keys.data, minid=f"{ms}-{int(seq) + 1}", approximate=False)
-    await r.hset(keys.meta, mapping={"synced": trim, "trim": trim})
-    assert await r.xlen(keys.data) == len(entries) - cut
-    return entry_id_to_offset(trim)
+@pytest.fixture
+def trim(redis_server, postgres_server, pg, r, tmp_path) -> Callable[[str, int], Awaitable[str]]:
+    """trim(name, keep): run a sink with DSGW_RETAIN_MESSAGES=keep until it has
+    committed the stream to stream_history and trimmed Redis; the trim point
+    (as a DS offset). Stopped then, so later appends stay in Redis."""
+
+    async def trim(name: str, keep: int) -> str:
+        meta_key = stream_keys(name).meta
+        sink = start_worker(
+            "sink", redis_server.url, postgres_server.url, tmp_path,
+            DSGW_RETAIN_MESSAGES=str(keep), DSGW_SINK_BLOCK_MS="200",
+        )  # fmt: skip
+        try:
+
+            async def trimmed() -> bytes | None:
+                m = await r.hgetall(meta_key)
+                return m.get(b"trim") if m.get(b"synced") == m[b"tail"] else None
+
+            point = await wait_until(trimmed, timeout_s=30)
+            assert point, f"never trimmed; see {sink.log_path}"
+        finally:
+            sink.stop()
+        assert await r.xlen(stream_keys(name).data) <= keep
+        return entry_id_to_offset(point)
+
+    return trim
 
 
 @dataclass
@@ -186,13 +189,13 @@ async def make_stream(client: httpx.AsyncClient, url: str, content_type: str, ap
     ],
     ids=["json", "json-by-count", "bytes", "text"],
 )
-async def test_catch_up_across_the_boundary_is_byte_identical(gw, r, pg, unique, content_type, appends):
+async def test_catch_up_across_the_boundary_is_byte_identical(gw, r, trim, unique, content_type, appends):
     json_mode = content_type == JSON
     url = gw.stream_url(unique)
     async with httpx.AsyncClient(timeout=20) as client:
         await make_stream(client, url, content_type, appends)
         hot = await catch_up(client, url)
-        trim = await trim_by_hand(r, pg, unique, keep=8)
+        trim = await trim(unique, keep=8)
         tiered = await catch_up(client, url)
 
         assert joined(tiered, json_mode) == joined(hot, json_mode)
@@ -225,18 +228,18 @@ async def catch_up_hot(hot: list[Chunk], start: str) -> list[Chunk]:
     return hot[index:]
 
 
-async def trimmed_json_stream(client: httpx.AsyncClient, url: str, r, pg, name: str) -> bytes:  # type: ignore[no-untyped-def]
+async def trimmed_json_stream(client: httpx.AsyncClient, url: str, trim, name: str) -> bytes:  # type: ignore[no-untyped-def]
     """A JSON stream trimmed to its newest 5 entries; all its messages as one body."""
     await make_stream(client, url, JSON, json_appends())
     expected = joined(await catch_up(client, url), True)
-    await trim_by_hand(r, pg, name, keep=5)
+    await trim(name, keep=5)
     return expected
 
 
-async def test_long_poll_starting_below_the_boundary(gw, r, pg, unique):
+async def test_long_poll_starting_below_the_boundary(gw, trim, unique):
     url = gw.stream_url(unique)
     async with httpx.AsyncClient(timeout=20) as client:
-        expected = await trimmed_json_stream(client, url, r, pg, unique)
+        expected = await trimmed_json_stream(client, url, trim, unique)
         bodies, offset = [], "-1"
         while True:
             response = await client.get(url, params={"offset": offset, "live": "long-poll"})
@@ -271,10 +274,10 @@ def sse_events(lines: list[str]) -> list[tuple[str, str]]:
     return events
 
 
-async def test_sse_starting_below_the_boundary(gw, r, pg, unique):
+async def test_sse_starting_below_the_boundary(gw, trim, unique):
     url = gw.stream_url(unique)
     async with httpx.AsyncClient(timeout=20) as client:
-        expected = await trimmed_json_stream(client, url, r, pg, unique)
+        expected = await trimmed_json_stream(client, url, trim, unique)
         data: list[str] = []
         lines: list[str] = []
         async with client.stream("GET", url, params={"offset": "-1", "live": "sse"}) as response:
@@ -300,7 +303,7 @@ async def test_sse_starting_below_the_boundary(gw, r, pg, unique):
         assert ",".join(bodies).encode() == expected + b',{"after":"trim"}'
 
 
-async def test_fork_of_a_trimmed_source_reads_its_history(gw, r, pg, unique):
+async def test_fork_of_a_trimmed_source_reads_its_history(gw, r, trim, unique):
     source = gw.stream_url(unique)
     async with httpx.AsyncClient(timeout=20) as client:
         await make_stream(client, source, JSON, [b'{"m":%d}' % i for i in range(40)])
@@ -323,7 +326,7 @@ async def test_fork_of_a_trimmed_source_reads_its_history(gw, r, pg, unique):
                     gw.stream_url(name), headers={"content-type": JSON}, content=b'{"own":%d}' % i
                 )
             forks[name] = joined(await catch_up(client, gw.stream_url(name)), True)
-        trim = await trim_by_hand(r, pg, unique, keep=5)
+        trim = await trim(unique, keep=5)
         assert offsets[10] < trim < offsets[37]
         for name, before in forks.items():
             assert joined(await catch_up(client, gw.stream_url(name)), True) == before, name
@@ -331,11 +334,11 @@ async def test_fork_of_a_trimmed_source_reads_its_history(gw, r, pg, unique):
         assert forks[f"{unique}-high"].endswith(b'{"m":37},{"own":0},{"own":1},{"own":2}')
 
 
-async def test_without_history_reads_below_the_trim_point_are_410(gw_none, r, pg, unique):
+async def test_without_history_reads_below_the_trim_point_are_410(gw_none, r, trim, unique):
     url = gw_none.stream_url(unique)
     async with httpx.AsyncClient(timeout=20) as client:
         await make_stream(client, url, JSON, [b'{"m":%d}' % i for i in range(20)])
-        trim = await trim_by_hand(r, pg, unique, keep=5)
+        trim = await trim(unique, keep=5)
         for params in (
             {"offset": "-1"},
             {"offset": "-1", "live": "long-poll"},
@@ -363,11 +366,11 @@ async def test_without_history_reads_below_the_trim_point_are_410(gw_none, r, pg
         assert 'dsgw_cold_read_errors_total{reason="no_history"}' in metrics
 
 
-async def test_postgres_down_cold_reads_503_hot_reads_work(gw_dead, gw, r, pg, unique):
+async def test_postgres_down_cold_reads_503_hot_reads_work(gw_dead, gw, r, trim, unique):
     url = gw_dead.stream_url(unique)
     async with httpx.AsyncClient(timeout=20) as client:
         await make_stream(client, url, JSON, [b'{"m":%d}' % i for i in range(20)])
-        trim = await trim_by_hand(r, pg, unique, keep=5)
+        trim = await trim(unique, keep=5)
         cold = await client.get(url, params={"offset": "-1"})
         assert cold.status_code == 503
         assert cold.headers["retry-after"] == "1"
@@ -383,11 +386,25 @@ async def test_postgres_down_cold_reads_503_hot_reads_work(gw_dead, gw, r, pg, u
         assert 'dsgw_cold_read_errors_total{reason="unavailable"}' in metrics
 
 
-async def test_info_and_metrics_show_the_tiers(gw, r, pg, unique):
+async def test_a_recreated_stream_never_reads_the_earlier_ones_history(gw, r, trim, unique):
+    url = gw.stream_url(unique)
+    async with httpx.AsyncClient(timeout=20) as client:
+        await make_stream(client, url, JSON, [b'{"old":%d}' % i for i in range(20)])
+        old_trim = await trim(unique, keep=5)
+        assert (await client.delete(url)).status_code == 204
+        await make_stream(client, url, JSON, [b'{"new":%d}' % i for i in range(20)])
+        await trim(unique, keep=5)
+        expected = b",".join(b'{"new":%d}' % i for i in range(20))
+        assert joined(await catch_up(client, url), True) == expected
+        # An offset of the earlier stream resumes at the start of this one.
+        assert joined(await catch_up(client, url, old_trim), True) == expected
+
+
+async def test_info_and_metrics_show_the_tiers(gw, r, trim, unique):
     url = gw.stream_url(unique)
     async with httpx.AsyncClient(timeout=20) as client:
         await make_stream(client, url, JSON, [b'{"m":%d}' % i for i in range(20)])
-        trim = await trim_by_hand(r, pg, unique, keep=5)
+        trim = await trim(unique, keep=5)
         tail = (await client.head(url)).headers["stream-next-offset"]
         info = await stream_info(r, unique)
         assert info is not None
@@ -410,14 +427,14 @@ def _metric(text: str, name: str) -> float:
 
 
 async def test_dsgw_tail_prints_trimmed_messages_from_history(
-    gw, r, pg, redis_server, postgres_server, unique
+    gw, r, trim, redis_server, postgres_server, unique
 ):
     url = gw.stream_url(unique)
     async with httpx.AsyncClient(timeout=20) as client:
         await make_stream(client, url, JSON, [b'[{"m":%d},{"m":%d}]' % (i, i + 1) for i in range(0, 40, 2)])
     untrimmed = dsgw(redis_server.url, "tail", unique, "--json")
     assert untrimmed.returncode == 0, untrimmed.stderr
-    await trim_by_hand(r, pg, unique, keep=6)
+    await trim(unique, keep=6)
     tiered = dsgw(redis_server.url, "tail", unique, "--json", DSGW_HISTORY_DATABASE_URL=postgres_server.url)
     assert tiered.returncode == 0, tiered.stderr
     assert tiered.stdout == untrimmed.stdout
@@ -431,7 +448,7 @@ async def test_dsgw_tail_prints_trimmed_messages_from_history(
     assert "Offset below the retained data" in refused.stderr
 
 
-async def test_fork_with_a_sub_offset_below_the_trim_point(gw, r, pg, unique):
+async def test_fork_with_a_sub_offset_below_the_trim_point(gw, r, trim, unique):
     """The fork's first append copies part of the source's next append, which
     may already be in the history only."""
     source = gw.stream_url(unique)
@@ -453,7 +470,7 @@ async def test_fork_with_a_sub_offset_below_the_trim_point(gw, r, pg, unique):
         assert (await client.put(before, headers=fork_headers)).status_code == 201
         expected = joined(await catch_up(client, before), True)
         assert expected == b",".join(b'{"m":%d}' % i for i in range(8))
-        await trim_by_hand(r, pg, unique, keep=3)
+        await trim(unique, keep=3)
         after = gw.stream_url(f"{unique}-after")
         created = await client.put(after, headers=fork_headers)
         assert created.status_code == 201, created.text
