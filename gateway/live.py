@@ -42,12 +42,16 @@ class _Channel:
     confirmed: asyncio.Event = field(default_factory=asyncio.Event)
     # Called with the new version on every notification (gateway/sse_fanout.py).
     listeners: dict[Any, Callable[[Any, int], None]] = field(default_factory=dict)
+    # What the latest notification carried after the tail (an append's data,
+    # see gateway/lua/append.lua), or None.
+    pushed: bytes | None = None
     # Readers resting (Watch.rest): not woken by notifications, only by wake_all.
     resting: set[asyncio.Future[None]] = field(default_factory=set)
 
-    def bump(self) -> None:
+    def bump(self, pushed: bytes | None = None) -> None:
         self.notified_at = time.monotonic()
         self.version += 1
+        self.pushed = pushed
         waiters, self.waiters = self.waiters, set()
         for waiter in waiters:
             if not waiter.done():
@@ -93,6 +97,12 @@ class Watch:
     def pending(self) -> bool:
         """A notification came after the last one this watch took into account."""
         return self._channel.version != self._seen
+
+    def pushed_since(self, version: int) -> bytes | None:
+        """The data of the one notification that came after `version`, if
+        exactly one came and it carried data."""
+        channel = self._channel
+        return channel.pushed if channel.version == version + 1 else None
 
     def seen_all(self) -> None:
         """The caller reads next: that read covers every notification so far."""
@@ -368,7 +378,8 @@ class LiveHub:
             return
         if kind in ("message", "smessage"):
             self.notifications += 1
-            channel.bump()
+            data = message.get("data")
+            channel.bump(data if isinstance(data, bytes) and b"\n" in data else None)
         elif kind in ("subscribe", "ssubscribe"):
             # From now on no append on this stream goes unnoticed; one made while
             # the subscription was being (re)established is caught by a re-read.

@@ -50,6 +50,10 @@ HTTP_DURATION = Histogram(
 LIVE_REFUSED = Counter(
     "dsgw_live_refused_total", "Live reads refused with 503: the replica's DSGW_MAX_LIVE_CONNECTIONS reached"
 )
+PUSHED_READS = Counter(
+    "dsgw_live_pushed_reads_total",
+    "Long-polls answered from the data their append's notification carried, without reading Redis",
+)
 SSE_DIRECT_EVENTS = Counter(
     "dsgw_sse_direct_events_total",
     "SSE events written to a reader resting at its stream's tail by the stream's pump (no task wake-up)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from .auth import SCOPE_DEADLINE
 from .http import Headers, Reply, StreamRequest, abort_connection
 from .keys import stream_keys
 from .live import Watch
-from .offsets import ZERO_ID, BadOffset, EntryId, format_offset, parse_offset
+from .offsets import ZERO_ID, BadOffset, EntryId, format_offset, parse_entry_id, parse_offset
 from .protocol import ProblemError, bad_request, next_cursor, sse_needs_base64
 from .ratelimit import live_slot
 from .sse_fanout import DirectWriter, Fanout, ParkedReader
@@ -221,7 +222,8 @@ class StreamReads:
                         # Re-read once the watch is in place: an append between the
                         # first read and the watch would otherwise go unnoticed.
                         try:
-                            result = await self._live_read(name, after, watch.version)
+                            read_version = watch.version
+                            result = await self._live_read(name, after, read_version)
                         except RedisError:
                             # Redis away for a moment (restart, failover): keep the
                             # reader waiting and try again, up to its deadline.
@@ -241,6 +243,11 @@ class StreamReads:
                         if remaining <= 0 or self.gw.draining or watch.interrupted:
                             return self._timeout_reply(result, cursor)
                         await watch.wait(remaining)
+                        pushed = _pushed_read(result, watch.pushed_since(read_version))
+                        if pushed is not None:
+                            # The one append since our read came with its data.
+                            metrics.BATCHED.inc(metrics.PUSHED_READS)
+                            return self._data_reply(pushed, start, cursor)
                 finally:
                     departure.cancel()
         finally:
@@ -421,6 +428,20 @@ class StreamReads:
                 log.warning("SSE read failed: %s: %s", type(exc).__name__, exc)
                 yield sse.control_event(format_offset(after), cursor=cursor, up_to_date=False, closed=False)
                 return
+
+
+def _pushed_read(last: ReadResult, pushed: bytes | None) -> ReadResult | None:
+    """What a read after `last` returns, from the notification of the one
+    append made since (gateway/lua/append.lua: "tail\nprevious tail\ngen\n
+    count\nbody"), if that append came right after `last` in the same stream."""
+    if pushed is None:
+        return None
+    tail, previous, gen, count, body = pushed.split(b"\n", 4)
+    meta = last.meta
+    if parse_entry_id(previous) != last.next_id or gen.decode() != meta.gen or count == b"0":
+        return None
+    tail_id = parse_entry_id(tail)
+    return ReadResult(dataclasses.replace(meta, tail=tail_id), body, int(count), tail_id)
 
 
 def _sse_event(result: ReadResult, binary: bool, cursor: str, closed: bool) -> bytes:

@@ -13,7 +13,9 @@
 --   ARGV[5] Producer-Epoch (decimal, <= 2^53-1)
 --   ARGV[6] Producer-Seq (decimal, <= 2^53-1)
 --   ARGV[7] publish command: 'PUBLISH' or 'SPUBLISH'
---   ARGV[8] notification channel
+--   ARGV[8] notification channel: gets the new tail, and for a small append
+--           that does not close the stream also what a reader at the old tail
+--           would read (see notification below)
 --   ARGV[9] source sequence of the Postgres source worker, or '': compared
 --           byte-wise with the stream's last one (meta 'srcseq'); never set
 --           from HTTP, so no client can make the worker skip its changes
@@ -32,6 +34,31 @@
 --   {'source_dup', srcseq}                 source sequence not above the stream's last one
 
 -- @include common
+
+-- Appends up to this many payload bytes travel with their notification.
+local PUSH_MAX_BYTES = 4096
+
+-- The notification of an append: "tail", or for a small append that leaves the
+-- stream open "tail\nprevious tail\ngen\ncount\nbody", where body is what a
+-- read after the previous tail returns (JSON messages joined with ',', other
+-- payloads concatenated). Readers waiting at the previous tail answer from it
+-- without reading the stream again (gateway/live.py, gateway/reads.py).
+local function notification(m, tail, added, closing)
+  if closing or added > PUSH_MAX_BYTES then
+    return tail
+  end
+  local pos = 12
+  local parts, count = {}, 0
+  for _ = 1, tonumber(ARGV[pos]) do
+    local n = tonumber(ARGV[pos + 1])
+    for i = 1, n do
+      count = count + 1
+      parts[count] = ARGV[pos + 1 + i]
+    end
+    pos = pos + 1 + n
+  end
+  return table.concat({tail, m.tail, m.gen or '', tostring(count), table.concat(parts, m.json and ',' or '')}, '\n')
+end
 
 local now = now_ms()
 local state, m = stream_state(now)
@@ -101,5 +128,5 @@ touch(m, now)
 if last and redis.call('EXISTS', KEYS[8]) == 1 then
   redis.call('ZADD', KEYS[9], now, m.name)
 end
-redis.call(ARGV[7], ARGV[8], tail)
+redis.call(ARGV[7], ARGV[8], notification(m, tail, added, closed == '1'))
 return {'ok', tail, closed}

@@ -1,7 +1,12 @@
-"""SSE readers resting at their stream's tail get new events written to their
-sockets by the stream's pump (gateway/sse_fanout.py), not by waking each
-reader's task: every reader still gets every message once, in order, and the
-stream's close and a gateway's shutdown still reach them."""
+"""The fast paths of live reads give the same answers as the slow ones.
+
+- SSE readers resting at their stream's tail get new events written to their
+  sockets by the stream's pump (gateway/sse_fanout.py), not by waking each
+  reader's task: every reader still gets every message once, in order, and the
+  stream's close still reaches them.
+- A long-poll at the tail is answered from the data a small append's
+  notification carries (gateway/lua/append.lua), byte for byte and header for
+  header what a read from the same offset returns."""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ import threading
 import time
 
 import httpx
+import pytest
 
-from tests.conftest import GatewayProcess
+from tests.conftest import GatewayProcess, start_gateway
 
 
 def metric(gw: GatewayProcess, prefix: str) -> float:
@@ -95,3 +101,68 @@ def test_readers_at_different_offsets_each_get_their_own_continuation(gateway, u
     wait_for(lambda: all(r.messages and r.messages[-1] == {"n": 7} for r in readers))
     for start, reader in enumerate(readers, start=1):
         assert reader.messages == [{"n": n} for n in range(start, 8)]
+
+
+def assert_same_answer(url: str, offset: str, live: httpx.Response) -> None:
+    plain = httpx.get(url, params={"offset": offset})
+    assert live.status_code == plain.status_code == 200
+    assert live.content == plain.content
+    for header in ("content-type", "stream-next-offset", "etag"):
+        assert live.headers[header] == plain.headers[header], header
+
+
+class LongPoll(threading.Thread):
+    def __init__(self, url: str, offset: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.offset = url, offset
+        self.response: httpx.Response | None = None
+
+    def run(self) -> None:
+        params = {"offset": self.offset, "live": "long-poll"}
+        self.response = httpx.get(self.url, params=params, timeout=30)
+
+
+def poll_then_append(gw: GatewayProcess, url: str, offset: str, **append) -> httpx.Response:  # type: ignore[no-untyped-def]
+    waiting = metric(gw, 'dsgw_live_readers{mode="long-poll"}')
+    poll = LongPoll(url, offset)
+    poll.start()
+    wait_for(lambda: metric(gw, 'dsgw_live_readers{mode="long-poll"}') == waiting + 1)
+    assert httpx.post(url, **append).status_code == 204
+    poll.join(30)
+    assert poll.response is not None
+    return poll.response
+
+
+@pytest.fixture
+def patient_gateway(redis_server, tmp_path):  # type: ignore[no-untyped-def]
+    """Long-polls that wait longer than the other tests' 500 ms: a loaded
+    machine must not turn an answer into a timeout."""
+    gw = start_gateway(redis_server.url, tmp_path, DSGW_LONG_POLL_TIMEOUT_MS="30000")
+    yield gw
+    gw.stop()
+
+
+def test_a_long_poll_is_answered_from_the_notification_exactly_as_a_read(patient_gateway, unique):
+    gw = patient_gateway
+    url = gw.stream_url(unique + "-json")
+    tail = httpx.put(url, headers={"content-type": "application/json"}).headers["stream-next-offset"]
+    pushed_before = metric(gw, "dsgw_live_pushed_reads_total")
+    live = poll_then_append(gw, url, tail, content=b'[{"b": 1,  "a":2}, "x\\ny", 3]',
+                            headers={"content-type": "application/json"})  # fmt: skip
+    assert_same_answer(url, tail, live)
+    assert live.json() == [{"b": 1, "a": 2}, "x\ny", 3]
+    tail = live.headers["stream-next-offset"]
+    text = gw.stream_url(unique + "-text")
+    text_tail = httpx.put(text, headers={"content-type": "text/plain"}).headers["stream-next-offset"]
+    live_text = poll_then_append(
+        gw, text, text_tail, content=b"line one\nline two", headers={"content-type": "text/plain"}
+    )
+    assert_same_answer(text, text_tail, live_text)
+    assert live_text.content == b"line one\nline two"
+    assert metric(gw, "dsgw_live_pushed_reads_total") == pushed_before + 2
+    # Larger appends are not pushed: the reader reads them, with the same result.
+    big = [{"n": n, "pad": "p" * 100} for n in range(100)]
+    live_big = poll_then_append(gw, url, tail, json=big)
+    assert_same_answer(url, tail, live_big)
+    assert live_big.json() == big
+    assert metric(gw, "dsgw_live_pushed_reads_total") == pushed_before + 2
