@@ -33,8 +33,14 @@ if not m then
 end
 
 local synced = m.synced
-if ARGV[1] ~= '' and (not synced or not bytes_le(id_key(ARGV[1]), id_key(synced))) then
-  synced = ARGV[1]
+-- A late commit of a removed stream of the same name (at or below base) says
+-- nothing about this one.
+local committed = ARGV[1]
+if committed ~= '' and m.base and bytes_le(id_key(committed), id_key(m.base)) then
+  committed = ''
+end
+if committed ~= '' and (not synced or not bytes_le(id_key(committed), id_key(synced))) then
+  synced = committed
   redis.call('HSET', meta, 'synced', synced)
 end
 if not synced then

@@ -247,3 +247,25 @@ async def test_synced_waits_for_older_feed_entries_pending_with_another_sink(red
     finally:
         await client.delete(keys.meta, keys.data)
         await client.aclose()
+
+
+async def test_a_late_commit_of_a_removed_stream_does_not_touch_its_successor(redis_server, unique):
+    """The sink may commit the last entries of a deleted stream after a new
+    stream of the same name exists: those are at or below the new one's base
+    and must neither raise its synced nor set its trim point."""
+    import redis.asyncio as aioredis
+
+    from workers.tiering import Trimmer
+
+    client = aioredis.Redis.from_url(redis_server.url)
+    keys = stream_keys(unique)
+    try:
+        entry = await client.xadd(keys.data, {"json": "1"})
+        ms = int(entry.split(b"-")[0])
+        await client.hset(keys.meta, mapping={"name": unique, "base": f"{ms - 1}-18446744073709551615"})
+        await Trimmer(client, retain_messages=0, retain_seconds=None)._trim([(unique, f"{ms - 5}-0")])
+        assert await client.hmget(keys.meta, "synced", "trim") == [None, None]
+        assert await client.xlen(keys.data) == 1
+    finally:
+        await client.delete(keys.meta, keys.data)
+        await client.aclose()
