@@ -475,3 +475,74 @@ async def test_fork_with_a_sub_offset_below_the_trim_point(gw, r, trim, unique):
         created = await client.put(after, headers=fork_headers)
         assert created.status_code == 201, created.text
         assert joined(await catch_up(client, after), True) == expected
+
+
+class CuttableProxy:
+    """A TCP proxy to Postgres whose cut() drops every connection and refuses
+    new ones until restore(): Postgres going away and coming back, as the
+    gateway sees it, without stopping the Postgres the other tests share."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def restore(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.transport.abort()
+                self._writers.discard(dst)
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_cold_reads_come_back_when_postgres_does(
+    gw, trim, redis_server, postgres_server, unique, tmp_path
+):
+    url = gw.stream_url(unique)
+    async with httpx.AsyncClient(timeout=20) as client:
+        await make_stream(client, url, JSON, [b'{"m":%d}' % i for i in range(20)])
+        point = await trim(unique, keep=5)
+    proxy = CuttableProxy(postgres_server.port)
+    await proxy.restore()
+    via_proxy = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres"
+    gateway = start_gateway(
+        redis_server.url, tmp_path, DSGW_HISTORY_DATABASE_URL=via_proxy, DSGW_HISTORY_TIMEOUT_MS="2000"
+    )
+    try:
+        async with httpx.AsyncClient(timeout=20) as client:
+            url = gateway.stream_url(unique)
+            assert (await client.get(url, params={"offset": "-1"})).status_code == 200
+            await proxy.cut()
+            down = await client.get(url, params={"offset": "-1"})
+            assert down.status_code == 503 and down.headers["retry-after"] == "1"
+            assert (await client.get(url, params={"offset": point})).status_code == 200
+            await proxy.restore()
+
+            async def cold_read_works() -> bool:
+                return (await client.get(url, params={"offset": "-1"})).status_code == 200
+
+            assert await wait_until(cold_read_works, timeout_s=20)
+    finally:
+        gateway.stop()
+        await proxy.cut()
