@@ -400,7 +400,7 @@ async def test_a_recreated_stream_never_reads_the_earlier_ones_history(gw, r, tr
         assert joined(await catch_up(client, url, old_trim), True) == expected
 
 
-async def test_info_and_metrics_show_the_tiers(gw, r, trim, unique):
+async def test_info_and_metrics_show_the_tiers(gw, r, trim, redis_server, unique):
     url = gw.stream_url(unique)
     async with httpx.AsyncClient(timeout=20) as client:
         await make_stream(client, url, JSON, [b'{"m":%d}' % i for i in range(20)])
@@ -411,6 +411,9 @@ async def test_info_and_metrics_show_the_tiers(gw, r, trim, unique):
         assert info["hot_range"] == {"from": trim, "to": tail}
         assert info["cold_range"]["to"] == trim
         assert info["cold_range"]["from"] < trim
+        shown = dsgw(redis_server.url, "info", unique)
+        assert shown.returncode == 0, shown.stderr
+        assert f"{trim} .. {tail}" in shown.stdout and f".. {trim}" in shown.stdout
         before = _metric((await client.get(f"{gw.url}/metrics")).text, "dsgw_cold_reads_total")
         chunks = await catch_up(client, url)
         after_text = (await client.get(f"{gw.url}/metrics")).text
