@@ -401,3 +401,72 @@ def test_with_auth_on_managing_needs_manage_and_callbacks_need_only_their_token(
         assert (done.status_code, done.json()) == (200, {"ok": True, "next_wake": False})
     finally:
         gw.stop()
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that records deliveries and answers `answer`."""
+
+    def __init__(self, answer: bytes = b"{}") -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received = self.received = []  # type: ignore[var-annotated]
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["content-length"]))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_webhook_lease_that_runs_out_wakes_again_and_fences_the_old_wake(pair, http):
+    a, b = pair
+    receiver = Receiver()
+    tag = uuid.uuid4().hex[:8]
+    sub, stream = f"lease-{tag}", f"lease-{tag}/s"
+    try:
+        body = {
+            "type": "webhook",
+            "streams": [stream],
+            "webhook": {"url": receiver.url},
+            "lease_ttl_ms": 3000,
+        }
+        assert http.put(url(a, f"__ds/subscriptions/{sub}"), json=body).status_code == 201
+        http.put(url(b, stream), json={"n": 1})
+        # Accepted ({}), never called back: the lease runs out and a replica delivers a new wake.
+        first, second = wait_for(lambda: receiver.received[:2] if len(receiver.received) >= 2 else None)
+        assert second["generation"] == first["generation"] + 1 and second["wake_id"] != first["wake_id"]
+        assert second["streams"][0]["has_pending"] is True
+
+        def callback(delivery: dict[str, Any], gw: GatewayProcess) -> httpx.Response:
+            acks = [{"stream": s["path"], "offset": s["tail_offset"]} for s in delivery["streams"]]
+            return http.post(
+                url(gw, f"__ds/subscriptions/{sub}/callback"),
+                headers={"authorization": f"Bearer {delivery['callback_token']}"},
+                json={
+                    "wake_id": delivery["wake_id"],
+                    "generation": delivery["generation"],
+                    "acks": acks,
+                    "done": True,
+                },
+            )
+
+        assert callback(first, b).json()["error"]["code"] == "FENCED"
+        assert callback(second, b).json() == {"ok": True, "next_wake": False}
+    finally:
+        http.delete(url(a, f"__ds/subscriptions/{sub}"))
+        receiver.close()
