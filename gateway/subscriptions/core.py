@@ -123,8 +123,7 @@ class Subscriptions:
         stream created after the subscription (create.lua may have missed the
         pattern while it was being registered) starts before its first entry."""
         assert config.pattern
-        old: list[str] = []
-        new: list[str] = []
+        matching: list[str] = []
         seen = 0
         async for raw in self.gw.redis.scan_iter(match=keys.META_SCAN_PATTERN, count=1000):
             seen += 1
@@ -132,12 +131,18 @@ class Subscriptions:
                 log.warning("pattern backfill stopped", extra={"fields": {"id": sub_id, "seen": seen}})
                 break
             name = keys.name_from_meta_key(text(raw))
-            if name is None or name == config.wake_stream or name.startswith("__ds/"):
-                continue
-            if not patterns.glob_match(config.pattern, name):
-                continue
-            born = await self.state.execute("HGET", raw, "created", key=text(raw))
-            (new if born is not None and int(born) >= created_ms else old).append(name)
+            if name and name != config.wake_stream and patterns.glob_match(config.pattern, name):
+                matching.append(name)
+        births = await asyncio.gather(
+            *(self.state.execute("HGET", keys.stream_keys(n).meta, "created", key=keys.stream_keys(n).meta)
+              for n in matching)
+        )  # fmt: skip
+        old = [n for n, born in zip(matching, births, strict=True) if born is None or int(born) < created_ms]
+        new = [
+            n
+            for n, born in zip(matching, births, strict=True)
+            if born is not None and int(born) >= created_ms
+        ]
         for i in range(0, len(old), 500):
             await self.state.link(sub_id, "g", old[i : i + 500])
         for i in range(0, len(new), 500):

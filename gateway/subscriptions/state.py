@@ -11,6 +11,7 @@ dying between the script and the delivery leaves a timer behind."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import Any
@@ -108,8 +109,6 @@ class SubState:
 
     async def stream_tails(self, names: list[str]) -> dict[str, str]:
         """Tails of existing streams (missing ones left out); pipelined by the mux."""
-        import asyncio
-
         found = await asyncio.gather(*(self.stream_tail(n) for n in names))
         return {n: t for n, t in zip(names, found, strict=True) if t is not None}
 
@@ -119,8 +118,6 @@ class SubState:
         """Link `paths` (kind 'e' or 'g'). The stream's own link set first, so an
         append from now on queues a wake; then the cursor at the tail read after
         that (or `start_new_at`). False if the subscription does not exist."""
-        import asyncio
-
         await asyncio.gather(*(self._stream_link(p, sub_id) for p in paths))
         tails = await self.stream_tails(paths)
         args: list[Any] = [kind]
