@@ -19,6 +19,8 @@
 --   ARGV[3] most seconds kept in Redis, or '' (no age limit)
 --   ARGV[4] the stream's name (its member in KEYS[3])
 --
+-- A count cut reads at most 10,000 entries per call (see MAX_COUNT_CUT).
+--
 -- Output: {trim, removed}: the stream's trim point after the call ('' when
 -- nothing was ever trimmed) and the number of entries removed now.
 
@@ -49,11 +51,18 @@ end
 
 local now = now_ms()
 local cut = nil
+-- Count limit: the newest of the `excess` oldest entries. Read from the old
+-- end (excess is what arrived since the last trim, whatever N is), at most
+-- MAX_COUNT_CUT per call: after a long sink outage the rest goes in later
+-- calls (the stream is then due again at once), never one huge read.
+local MAX_COUNT_CUT = 10000
+local backlog = false
 if ARGV[2] ~= '' then
-  local keep = tonumber(ARGV[2])
-  local newest = redis.call('XREVRANGE', data, '+', '-', 'COUNT', keep + 1)
-  if #newest == keep + 1 then
-    cut = newest[keep + 1][1]
+  local excess = redis.call('XLEN', data) - tonumber(ARGV[2])
+  if excess > 0 then
+    local oldest = redis.call('XRANGE', data, '-', '+', 'COUNT', math.min(excess, MAX_COUNT_CUT))
+    cut = oldest[#oldest][1]
+    backlog = excess > MAX_COUNT_CUT
   end
 end
 local max_age_ms = nil
@@ -91,7 +100,10 @@ if cut and not (m.trim and bytes_le(id_key(cut), id_key(m.trim))) then
   m.trim = cut
 end
 
-if max_age_ms then
+if backlog and m.trim ~= synced then
+  -- Capped by MAX_COUNT_CUT, not by synced: more to trim at the next sweep.
+  redis.call('ZADD', schedule, int_str(now), name)
+elseif max_age_ms then
   -- Idle streams age out too: due when the oldest entry left is older than
   -- the window. Only once committed; until then the sink's commit calls again.
   local oldest = redis.call('XRANGE', data, '-', '+', 'COUNT', 1)
@@ -101,5 +113,7 @@ if max_age_ms then
   else
     redis.call('ZREM', schedule, name)
   end
+else
+  redis.call('ZREM', schedule, name)
 end
 return {m.trim or '', removed}

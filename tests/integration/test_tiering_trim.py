@@ -269,3 +269,34 @@ async def test_a_late_commit_of_a_removed_stream_does_not_touch_its_successor(re
     finally:
         await client.delete(keys.meta, keys.data)
         await client.aclose()
+
+
+async def test_a_large_count_backlog_is_trimmed_in_bounded_steps(redis_server, unique):
+    """After a long sink outage a stream may hold far more than N messages: one
+    call reads at most 10,000 entries, and the sweep finishes the job."""
+    import redis.asyncio as aioredis
+
+    from workers.tiering import Trimmer
+
+    client = aioredis.Redis.from_url(redis_server.url)
+    keys = stream_keys(unique)
+    try:
+        await client.hset(keys.meta, "name", unique)
+        pipe = client.pipeline(transaction=False)
+        for i in range(25_000):
+            pipe.xadd(keys.data, {"data": str(i)})
+        ids = await pipe.execute()
+        trimmer = Trimmer(client, retain_messages=100, retain_seconds=None)
+        await trimmer._trim([(unique, ids[-1].decode())])
+        assert await client.xlen(keys.data) == 15_000
+        assert await client.zscore(trim_due_key(keys.shard), unique) is not None
+        await trimmer.sweep_once()
+        await trimmer.sweep_once()
+        assert await client.xlen(keys.data) == 100
+        assert await client.hget(keys.meta, "trim") == ids[-101]
+        await trimmer.sweep_once()  # nothing left to do: no longer due
+        assert await client.zscore(trim_due_key(keys.shard), unique) is None
+    finally:
+        await client.delete(keys.meta, keys.data)
+        await client.zrem(trim_due_key(keys.shard), unique)
+        await client.aclose()
