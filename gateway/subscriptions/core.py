@@ -36,6 +36,8 @@ TOKEN_TTL_S = 24 * 3600
 # Pattern backfill at creation reads at most this many stream names (SCAN of
 # the meta keys); more are linked only when they are next created.
 BACKFILL_MAX_STREAMS = 100_000
+# The second backfill waits this long past the Redis timeout.
+BACKFILL_AGAIN_MARGIN_S = 1.0
 JITTER = 0.2
 
 Woke = tuple[str, int, str, str, str]  # id, generation, wake id, type, stream that woke it
@@ -115,6 +117,7 @@ class Subscriptions:
         await self.link_explicit(sub_id, list(config.streams), config.pattern, config.wake_stream)
         if created and config.pattern:
             await self.backfill(sub_id, config, int(reply[1]))
+            self.spawn(self.backfill_again(sub_id, config, int(reply[1])))
         record = await self.get(sub_id)
         return created, record
 
@@ -151,6 +154,18 @@ class Subscriptions:
             # They may hold entries no append will announce again.
             sk = keys.stream_keys(name)
             await self.state.execute("ZADD", sk.wakes, now_ms(), name, key=sk.wakes)
+
+    async def backfill_again(self, sub_id: str, config: SubConfig, created_ms: int) -> None:
+        """A second backfill once every stream creation that may have read the
+        pattern list before this subscription was registered has finished (a
+        create script runs within the Redis timeout of its request): a stream
+        created in that window is linked before its first entry after all."""
+        await asyncio.sleep(self.settings.redis_timeout_ms / 1000 + BACKFILL_AGAIN_MARGIN_S)
+        try:
+            if await self.state.load(sub_id) is not None:
+                await self.backfill(sub_id, config, created_ms)
+        except Exception as exc:  # Redis unavailable: the window stays as documented
+            log.warning("second pattern backfill failed: %s", exc, extra={"fields": {"id": sub_id}})
 
     async def get(self, sub_id: str) -> dict[str, Any]:
         rec = await self.state.load(sub_id)

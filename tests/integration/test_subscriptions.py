@@ -470,3 +470,25 @@ def test_a_webhook_lease_that_runs_out_wakes_again_and_fences_the_old_wake(pair,
     finally:
         http.delete(url(a, f"__ds/subscriptions/{sub}"))
         receiver.close()
+
+
+def test_a_stream_created_while_the_pattern_registers_is_linked_by_the_second_backfill(pair, http, rc):
+    a, _ = pair
+    tag = uuid.uuid4().hex[:8]
+    sub, wake = f"race-{tag}", f"race-{tag}-wake"
+    http.put(url(a, wake), content=b"[]", headers={"content-type": "application/json"})
+    body = {"type": "pull-wake", "pattern": f"race-{tag}/*", "wake_stream": wake}
+    assert http.put(url(a, f"__ds/subscriptions/{sub}"), json=body).status_code == 201
+    # A PUT that read the pattern list before the subscription registered it and
+    # whose create script runs only now: create.lua with no subscription to link.
+    name = f"race-{tag}/late"
+    k = keys.stream_keys(name)
+    args = ["application/json", "application/json", "1", "", "", "", "", "", "", "", "", "gen", "", name, "", "",
+            "", 1, 1, b'{"n": 1}']  # fmt: skip
+    assert rc.eval(script_source("create"), len(k.all), *k.all, *args)[0] == b"created"
+    assert rc.scard(k.subs) == 0
+    # The second backfill (after the Redis timeout) links it before its first entry and wakes.
+    event = wait_for(lambda: wake_events(a, http, wake, sub), timeout_s=30)[0]
+    assert event["stream"] == name
+    streams = {s["path"]: s for s in http.get(url(a, f"__ds/subscriptions/{sub}")).json()["streams"]}
+    assert streams[name]["acked_offset"] == "-1"
