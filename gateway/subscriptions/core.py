@@ -92,6 +92,9 @@ class Subscriptions:
     async def create(self, sub_id: str, body: Any) -> tuple[bool, dict[str, Any]]:
         config = parse_config(body)
         if config.webhook_url:
+            # The URL rules are urlsafety.py's. The official suite runs with
+            # DSGW_WEBHOOK_ALLOW_PRIVATE=true (its receiver is on 127.0.0.1) and
+            # still expects http://10.0.0.1/hook refused with WEBHOOK_URL_REJECTED.
             try:
                 check_callback_url(config.webhook_url, self.settings.webhook_allow_private)
             except WebhookUrlRejected as exc:
