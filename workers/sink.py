@@ -326,7 +326,9 @@ class SinkWorker:
 
     async def _sleep_until_due(self) -> None:
         now = time.monotonic()
-        due = min((s.due for s in self._shards if not s.busy), default=now + 1.0)
+        # A shard waiting for room for a full batch is woken by its writer, not the clock.
+        room = self.settings.sink_writers * MAX_IN_FLIGHT_PER_WRITER > self._in_flight
+        due = min((s.due for s in self._shards if not s.busy and (room or not s.active)), default=now + 1.0)
         # At least ROUND_S between rounds, so shards falling due one by one
         # share a round (one pipeline) instead of one round trip each.
         delay = min(max(due - now, ROUND_S), self.settings.sink_block_ms / 1000)
@@ -342,7 +344,9 @@ class SinkWorker:
         reads = []
         room = self.settings.sink_writers * MAX_IN_FLIGHT_PER_WRITER - self._in_flight
         for shard, state in enumerate(self._shards):
-            if state.busy or state.due > now + ROUND_S:
+            # An idle shard may be read a quarter of its back-off early: idle shards
+            # then share rounds instead of each costing a round of its own.
+            if state.busy or state.due > now + max(ROUND_S, state.idle_s / 4):
                 continue
             if state.active:  # had entries: a full batch, if there is room for one
                 if room <= 0:
