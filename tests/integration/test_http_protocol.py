@@ -192,7 +192,10 @@ def test_body_over_the_limit_is_413(gateway, http, unique):
 
 
 def test_reserved_root_is_not_a_stream(gateway, http):
+    # __ds/... is the subscription API (gateway/subscriptions/api.py), never a stream.
     response = http.put(gateway.url + "/v1/stream/__ds/subscriptions/x")
+    assert (response.status_code, response.json()["error"]["code"]) == (400, "INVALID_REQUEST")
+    response = http.put(gateway.url + "/v1/stream/__ds/x", headers={"content-type": "text/plain"})
     assert response.status_code == 404
 
 
