@@ -420,7 +420,13 @@ class StreamReads:
                     since_event = time.monotonic()
             try:
                 result = await self._live_read(name, after, watch.version)
-            except ProblemError:
+            except ProblemError as exc:
+                if exc.status >= 500:
+                    # The history database away during catch-up below the trim
+                    # point: like Redis away, say where to resume.
+                    yield sse.control_event(
+                        format_offset(after), cursor=cursor, up_to_date=False, closed=False
+                    )
                 return  # deleted or expired while we watched: the client learns it on resume
             except RedisError as exc:
                 # Redis away (restart, failover): tell the client where to resume
