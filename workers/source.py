@@ -451,12 +451,18 @@ async def run_source(settings: WorkerSettings) -> None:
     from .process import serve_until_stopped
 
     await migrate_url(settings.database_url)
+    from gateway.layout import LayoutMismatch, check_layout
     from gateway.redis_client import connect
     from gateway.settings import Settings
 
     target = await connect(
         settings.redis_url, max_connections=8, pool_timeout_s=30, name=f"dsgw-source-{settings.consumer_name}"
     )
+    try:
+        await check_layout(target.client)  # it writes streams: only in the shard layout Redis holds
+    except LayoutMismatch:
+        await target.close()
+        raise
     # The gateways' live readers listen with SSUBSCRIBE on Redis 7: publish the same way.
     store = Store(
         target.mux, publish_command=target.publish_command, sink_filter=Settings.from_env().sink_filter

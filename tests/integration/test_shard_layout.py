@@ -38,14 +38,15 @@ def test_the_gateway_and_the_sink_refuse_another_layout(own_redis, postgres_serv
         start_gateway(own_redis.url, tmp_path)  # DSGW_SHARDS unset: 1024
     log = "".join(p.read_text() for p in tmp_path.glob("gateway-*.log"))
     assert "refusing to start: Redis holds streams in shard layout balanced-64 but DSGW_SHARDS=1024" in log
-    sink = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "worker", "sink"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-        env={"PATH": "/usr/bin:/bin", "REDIS_URL": own_redis.url, "DATABASE_URL": postgres_server.url},
-    )  # fmt: skip
-    assert sink.returncode == 1
-    assert sink.stderr.strip().splitlines()[-1] == (
-        "dsgw: refusing to start: Redis holds streams in shard layout balanced-64 but DSGW_SHARDS=1024"
-        " means balanced-1024: set DSGW_SHARDS=64, or stop every process and run `dsgw reshard --to 1024`"
-    )
+    for worker in ("sink", "source"):
+        refused = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "worker", worker],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+            env={"PATH": "/usr/bin:/bin", "REDIS_URL": own_redis.url, "DATABASE_URL": postgres_server.url},
+        )  # fmt: skip
+        assert refused.returncode == 1, worker
+        assert refused.stderr.strip().splitlines()[-1] == (
+            "dsgw: refusing to start: Redis holds streams in shard layout balanced-64 but DSGW_SHARDS=1024"
+            " means balanced-1024: set DSGW_SHARDS=64, or stop every process and run `dsgw reshard --to 1024`"
+        )
     assert r.get(LAYOUT_KEY) == b"balanced-64"  # nothing re-keyed, nothing recorded
