@@ -130,5 +130,5 @@ async def _json(request: StreamRequest) -> Any:
         return {}
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise invalid("the body is not valid JSON") from exc

@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from .. import keys
 from ..offsets import ZERO_OFFSET
@@ -379,7 +380,7 @@ class Subscriptions:
             "wake_id": wake_id,
             "generation": gen,
             "streams": _stream_infos(rec, snapshot=True),
-            "callback_url": self.control_url(f"subscriptions/{sub_id}/callback"),
+            "callback_url": self.control_url(f"subscriptions/{quote(sub_id, safe='')}/callback"),
             "callback_token": signing.issue_token(sub_id, wake_id, gen, TOKEN_TTL_S),
         }
         body = json.dumps(payload, separators=(",", ":")).encode()

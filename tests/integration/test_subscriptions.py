@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -492,3 +493,38 @@ def test_a_stream_created_while_the_pattern_registers_is_linked_by_the_second_ba
     assert event["stream"] == name
     streams = {s["path"]: s for s in http.get(url(a, f"__ds/subscriptions/{sub}")).json()["streams"]}
     assert streams[name]["acked_offset"] == "-1"
+
+
+def test_odd_ids_and_deeply_nested_bodies_get_answers_not_errors(pair, http):
+    a, _ = pair
+    deep = b"[" * 100_000 + b"]" * 100_000
+    res = http.put(
+        url(a, "__ds/subscriptions/deep"), content=deep, headers={"content-type": "application/json"}
+    )
+    assert (res.status_code, res.json()["error"]["code"]) == (400, "INVALID_REQUEST")
+    receiver = Receiver()
+    sub = f"odd?id#{uuid.uuid4().hex[:6]}"
+    try:
+        body = {"type": "webhook", "streams": [f"{sub[-6:]}/s"], "webhook": {"url": receiver.url}}
+        assert http.put(url(a, f"__ds/subscriptions/{quote(sub, safe='')}"), json=body).status_code == 201
+        http.put(url(a, f"{sub[-6:]}/s"), json={"n": 1})
+        delivery = wait_for(lambda: receiver.received[:1])[0]
+        # The callback URL names the id percent-encoded, and works as given.
+        assert delivery["callback_url"].endswith(
+            f"/v1/stream/__ds/subscriptions/{quote(sub, safe='')}/callback"
+        )
+        acks = [{"stream": s["path"], "offset": s["tail_offset"]} for s in delivery["streams"]]
+        done = http.post(
+            delivery["callback_url"],
+            headers={"authorization": f"Bearer {delivery['callback_token']}"},
+            json={
+                "wake_id": delivery["wake_id"],
+                "generation": delivery["generation"],
+                "acks": acks,
+                "done": True,
+            },
+        )
+        assert done.json() == {"ok": True, "next_wake": False}
+    finally:
+        http.delete(url(a, f"__ds/subscriptions/{quote(sub, safe='')}"))
+        receiver.close()
