@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -232,6 +233,7 @@ async def soak(args: argparse.Namespace) -> int:
         gateway.stop()
         pg.stop()
         redis_proc.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the data; the logs stay
     for failure in failures:
         print("FAIL:", failure, file=sys.stderr)
     return 1 if failures else 0
