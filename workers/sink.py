@@ -25,6 +25,11 @@ Postgres refuses a batch for its data, the batch is halved until the refused
 entries are alone; those are written message by message, and the messages
 Postgres refuses go to session_events_rejected. A poison message never blocks
 the entries behind it.
+
+Tiered streams (retention on; workers/tiering.py): their feed entries carry
+the messages' lengths, and every message also becomes a stream_history row
+(its bytes as stored in Redis) in the same transaction. After the commit the
+sink records meta `synced` and trims Redis to the retention, never above it.
 """
 
 from __future__ import annotations
