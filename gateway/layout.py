@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .keys import LAYOUT_KEY, LEGACY_SHARDS, SHARDS, layout_name
+from .keys import LAYOUT_KEY, LEGACY_SHARDS, SHARDS, layout_name, shard_tags
 
 # Keys of the legacy layout: a stream's own keys, and the feeds / fork deadlines.
 LEGACY_PATTERNS = ("ds:{s[0-9][0-9]}:*", "dsfeed:{s[0-9][0-9]}", "dsforks:{s[0-9][0-9]}")
@@ -44,6 +44,10 @@ async def check_layout(client: Any, shards: int = SHARDS) -> str:
     """Record this process's layout on a fresh Redis, or raise LayoutMismatch
     (one line: what the Redis holds, what to do). `client`: redis-py's
     client (standalone or cluster). Returns the layout."""
+    try:
+        shard_tags(shards)
+    except ValueError as exc:
+        raise LayoutMismatch(f"DSGW_SHARDS={shards}: {exc}") from None
     expected = layout_name(shards)
     recorded = await recorded_layout(client)
     if recorded is None:

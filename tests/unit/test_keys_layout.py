@@ -117,3 +117,8 @@ async def test_a_reshard_in_progress_is_refused():
     await r.set(LAYOUT_KEY, "resharding:legacy-16:balanced-64")
     with pytest.raises(LayoutMismatch, match="being resharded"):
         await check_layout(r, 64)
+
+
+async def test_a_shard_count_beyond_the_slots_is_refused():
+    with pytest.raises(LayoutMismatch, match="DSGW_SHARDS=20000: a shard count must be between 1 and 16384"):
+        await check_layout(fakeredis.FakeAsyncRedis(), 20000)
