@@ -135,11 +135,13 @@ class Dispatcher:
     # --- timers and the recovery sweep ------------------------------------------------------
 
     async def serve_timers(self) -> bool:
-        ids = await self.state.take_timers(TIMER_BATCH)
-        await asyncio.gather(*(self.tick(sub_id) for sub_id in ids))
+        ids, claimed = await self.state.take_timers(TIMER_BATCH)
+        await asyncio.gather(*(self.tick(sub_id, claimed) for sub_id in ids))
         return len(ids) == TIMER_BATCH
 
-    async def tick(self, sub_id: str) -> None:
+    async def tick(self, sub_id: str, claimed: int | None = None) -> None:
+        """Expire, take over or retry what is due. `claimed`: the score the
+        timer loop claimed the entry with (None from the sweep)."""
         reply = await self.state.sub("sub_tick", sub_id, [new_wake_id(), TAKEOVER_MS])
         if reply[0] == "gone":
             await self.state.execute("ZREM", keys.SUB_TIMERS, sub_id, key=keys.SUB_TIMERS)
@@ -148,9 +150,9 @@ class Dispatcher:
             metrics.LEASE_EXPIRIES.inc()
         due = reply[5] if reply[0] == "deliver" else reply[1]
         if due:
-            await self.state.execute("ZADD", keys.SUB_TIMERS, int(due), sub_id, key=keys.SUB_TIMERS)
-        else:
-            await self.state.execute("ZREM", keys.SUB_TIMERS, sub_id, key=keys.SUB_TIMERS)
+            await self.state.arm(sub_id, due)
+        elif claimed is not None:
+            await self.state.disarm(sub_id, claimed)
         if reply[0] == "deliver":
             self.subs.spawn(self.subs.deliver(sub_id, int(reply[1]), reply[2], reply[3]))
 

@@ -4,10 +4,12 @@ transition, each on one subscription's slot) and the reads around them.
 Keys: gateway/keys.py (subscription_keys, SUBSCRIPTIONS, SUB_TIMERS, ...).
 Every transition that can leave work for later (a lease, a delivery to take
 over, a retry) is followed by `arm(id, due)`: ZADD LT on the timers ZSET, so
-the entry only ever moves earlier; the timer loop (dispatch.py) claims due
-entries by re-scoring them. Before a transition that may issue a wake, the
-caller arms the timer first (`arm(id, now + TAKEOVER_MS)`), so that a replica
-dying between the script and the delivery leaves a timer behind."""
+an entry only ever moves earlier, except when the timer loop (dispatch.py)
+claims a due entry by re-scoring it TIMER_VISIBILITY_MS ahead. After its tick
+the loop arms it again (LT) or drops it only if nobody re-armed it meanwhile
+(sub_timers_done.lua), so no transition's timer is pushed back or lost. A
+replica dying between a transition and its `arm` leaves the work to the
+recovery sweep."""
 
 from __future__ import annotations
 
@@ -70,11 +72,15 @@ class SubState:
             return
         await self.execute("ZADD", keys.SUB_TIMERS, "LT", int(due), sub_id, key=keys.SUB_TIMERS)
 
-    async def take_timers(self, limit: int) -> list[str]:
-        reply = await self.script(
-            "sub_timers_take", [keys.SUB_TIMERS], [now_ms(), TIMER_VISIBILITY_MS, limit]
-        )
-        return [text(x) for x in reply]
+    async def take_timers(self, limit: int) -> tuple[list[str], int]:
+        """Due subscription ids, and the score they were re-scored to (the claim)."""
+        now = now_ms()
+        reply = await self.script("sub_timers_take", [keys.SUB_TIMERS], [now, TIMER_VISIBILITY_MS, limit])
+        return [text(x) for x in reply], now + TIMER_VISIBILITY_MS
+
+    async def disarm(self, sub_id: str, claimed: int) -> None:
+        """Drop the timer entry unless a transition re-armed it since it was claimed."""
+        await self.script("sub_timers_done", [keys.SUB_TIMERS], [sub_id, claimed])
 
     # --- reads --------------------------------------------------------------------
 

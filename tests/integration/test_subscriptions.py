@@ -528,3 +528,18 @@ def test_odd_ids_and_deeply_nested_bodies_get_answers_not_errors(pair, http):
     finally:
         http.delete(url(a, f"__ds/subscriptions/{quote(sub, safe='')}"))
         receiver.close()
+
+
+def test_a_timer_rearmed_during_a_tick_is_not_dropped(rc):
+    timers = f"test-timers-{uuid.uuid4().hex[:6]}"
+    now = int(time.time() * 1000)
+    rc.zadd(timers, {"s1": now - 10, "s2": now - 5})
+    taken = rc.eval(script_source("sub_timers_take"), 1, timers, now, 15_000, 10)
+    assert sorted(taken) == [b"s1", b"s2"]
+    assert rc.zscore(timers, "s1") == now + 15_000  # claimed by re-scoring, not removed
+    rc.zadd(timers, {"s2": now + 500}, lt=True)  # a transition re-arms s2 during the tick
+    done = script_source("sub_timers_done")
+    assert rc.eval(done, 1, timers, "s1", now + 15_000) == 1
+    assert rc.eval(done, 1, timers, "s2", now + 15_000) == 0
+    assert rc.zrange(timers, 0, -1, withscores=True) == [(b"s2", float(now + 500))]
+    rc.delete(timers)
