@@ -3,7 +3,7 @@
 
     python -m e2e.conformance                 # starts Redis and a gateway, runs the suite
     python -m e2e.conformance --url URL       # against a running server (with
-                                              # DSGW_WEBHOOK_ALLOW_PRIVATE=true: the
+                                              # DSGW_WEBHOOK_ALLOW_PRIVATE=loopback: the
                                               # subscription tests' receiver is on loopback)
 
 Prints the counts and exits non-zero unless every test passed.
@@ -23,8 +23,9 @@ from pathlib import Path
 E2E_DIR = Path(__file__).resolve().parent
 ROOT = E2E_DIR.parent
 EXPECTED_TESTS = 338  # the pinned 0.3.6 suite with its 6 optional subscription tests
-# The suite's webhook receiver listens on the runner's 127.0.0.1.
-GATEWAY_ENV = {"DSGW_WEBHOOK_ALLOW_PRIVATE": "true"}
+# The suite's webhook receiver listens on the runner's 127.0.0.1, and it
+# expects http://10.0.0.1/... refused: loopback only, not every private address.
+GATEWAY_ENV = {"DSGW_WEBHOOK_ALLOW_PRIVATE": "loopback"}
 
 
 @dataclass

@@ -9,5 +9,6 @@ if (!baseUrl) {
   throw new Error("CONFORMANCE_TEST_URL is required (make conformance sets it)")
 }
 // The suite's optional subscription tests ("Reserved subscription APIs") are
-// on: the server must then allow webhooks to loopback (DSGW_WEBHOOK_ALLOW_PRIVATE).
+// on: the server must then allow webhooks to loopback and refuse other private
+// addresses (DSGW_WEBHOOK_ALLOW_PRIVATE=loopback).
 runConformanceTests({ baseUrl, subscriptions: true })

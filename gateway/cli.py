@@ -161,7 +161,10 @@ def serve(
     """Run the gateway (REDIS_URL must name a running Redis)."""
     from .settings import Settings
 
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:  # a bad setting: one line, not a traceback
+        raise CliError(f"configuration error: {exc}") from None
     if not settings.redis_url:
         raise CliError("REDIS_URL is not set (use `dsgw dev` for an embedded Redis)")
     _exit_zero_after_drain()

@@ -27,6 +27,15 @@ def _str(name: str, default: str) -> str:
     return os.environ.get(name, "").strip() or default
 
 
+def _allow_private() -> str:
+    from .subscriptions.urlsafety import LEVELS
+
+    value = _str("DSGW_WEBHOOK_ALLOW_PRIVATE", "false").lower()
+    if value not in LEVELS:
+        raise ValueError(f"DSGW_WEBHOOK_ALLOW_PRIVATE must be one of {', '.join(LEVELS)} (got {value!r})")
+    return value
+
+
 def _list(name: str, default: list[str]) -> list[str]:
     raw = os.environ.get(name, "").strip()
     return [item.strip() for item in raw.split(",") if item.strip()] if raw else default
@@ -111,10 +120,10 @@ class Settings:
     # Rate limits per credential (or client address), shared through Redis; 0 = off.
     rate_appends_per_s: int = 0
     rate_live_connections: int = 0
-    # Webhook delivery (gateway/subscriptions/webhook.py, urlsafety.py). Private,
-    # loopback and link-local targets (and plain http) only when allowed: for
-    # development and the conformance runs, never for untrusted subscribers.
-    webhook_allow_private: bool = False
+    # Webhook delivery (gateway/subscriptions/webhook.py, urlsafety.py). Which
+    # non-public targets (and plain http) are allowed: "false" none, "loopback"
+    # (development, the conformance runs), "true" all; never for untrusted subscribers.
+    webhook_allow_private: str = "false"
     # One delivery: connecting, and everything (resolve, connect, send, response).
     webhook_connect_timeout_ms: int = 3_000
     webhook_timeout_ms: int = 10_000
@@ -204,7 +213,7 @@ class Settings:
             auth_leeway_s=env_int("DSGW_AUTH_LEEWAY_S", cls.auth_leeway_s),
             rate_appends_per_s=env_int("DSGW_RATE_APPENDS_PER_S", cls.rate_appends_per_s),
             rate_live_connections=env_int("DSGW_RATE_LIVE_CONNECTIONS", cls.rate_live_connections),
-            webhook_allow_private=_str("DSGW_WEBHOOK_ALLOW_PRIVATE", "false").lower() in ("1", "true", "yes"),
+            webhook_allow_private=_allow_private(),
             webhook_connect_timeout_ms=env_int(
                 "DSGW_WEBHOOK_CONNECT_TIMEOUT_MS", cls.webhook_connect_timeout_ms
             ),

@@ -12,14 +12,21 @@ Two checks, because a name's addresses can change between them:
   resolving again (DNS rebinding: a name that was public when checked and
   answers 127.0.0.1 at delivery never reaches 127.0.0.1).
 
-Refused unless ``allow_private`` (DSGW_WEBHOOK_ALLOW_PRIVATE, for development
-and the conformance runs): every address that is not globally routable
-(loopback, RFC 1918, link-local including 169.254.169.254, CGNAT, unique-local,
+Refused by default: every address that is not globally routable (loopback,
+RFC 1918, link-local including 169.254.169.254, CGNAT, unique-local,
 unspecified, documentation and benchmark ranges, reserved), multicast, and
 every IPv6 form that embeds an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``,
-IPv4-compatible, 6to4, Teredo, NAT64 ``64:ff9b::/96``), whatever it embeds.
-``http://`` is accepted only with ``allow_private`` too: PROTOCOL.md 12.8 asks
-for HTTPS in production and allows HTTP only for local development.
+IPv4-compatible, 6to4, Teredo, NAT64 ``64:ff9b::/96``), whatever it embeds;
+and plain ``http://`` (PROTOCOL.md 12.8 asks for HTTPS in production).
+DSGW_WEBHOOK_ALLOW_PRIVATE relaxes this in three levels (`LEVELS`):
+
+- ``false``: only the above.
+- ``loopback``: loopback targets too (127.0.0.0/8, ``::1``, ``localhost`` and
+  ``*.localhost``), over http or https: development and the conformance runs,
+  whose receiver is on 127.0.0.1 while ``http://10.0.0.1/`` must be refused
+  (as the reference server does). Every other rule stays.
+- ``true``: every non-public address, over http too (a trusted network).
+
 IPv4 hosts are parsed the way the system resolver parses them (``inet_aton``:
 ``127.1``, ``0x7f.0.0.1`` and ``2130706433`` are all 127.0.0.1).
 """
@@ -38,6 +45,9 @@ SCHEMES = ("http", "https")
 # A name ending in .localhost always means this machine (RFC 6761).
 LOCAL_NAMES = ("localhost", "localhost.")
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# DSGW_WEBHOOK_ALLOW_PRIVATE's values, from strictest.
+ALLOW_NONE, ALLOW_LOOPBACK, ALLOW_ALL = "false", "loopback", "true"
+LEVELS = (ALLOW_NONE, ALLOW_LOOPBACK, ALLOW_ALL)
 
 
 class WebhookUrlRejected(ValueError):
@@ -52,7 +62,7 @@ class WebhookUrlRejected(ValueError):
 
 
 def address_refused(ip: IPAddress) -> str | None:
-    """Why a delivery may not connect to `ip` without allow_private, or None."""
+    """Why a delivery may not connect to `ip` by default, or None."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return "an IPv4-mapped IPv6 address"
@@ -110,24 +120,39 @@ def split_url(url: str) -> SplitResult:
     return parts
 
 
-def check_callback_url(url: str, allow_private: bool) -> None:
-    """Raise WebhookUrlRejected unless `url` may receive webhooks."""
+def is_loopback(ip: IPAddress) -> bool:
+    """127.0.0.0/8 or ::1 itself (no IPv4-mapped or other embedding forms)."""
+    return ip.is_loopback and not (isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped)
+
+
+def _local_name(host: str) -> bool:
+    return host in LOCAL_NAMES or host.rstrip(".").endswith(".localhost")
+
+
+def check_callback_url(url: str, allow_private: str) -> None:
+    """Raise WebhookUrlRejected unless `url` may receive webhooks at level
+    `allow_private` (one of LEVELS)."""
     parts = split_url(url)
-    if allow_private:
+    if allow_private == ALLOW_ALL:
         return
-    if parts.scheme.lower() != "https":
-        raise WebhookUrlRejected("webhook.url must use https (http is for development only)")
     host = (parts.hostname or "").lower()
-    if host in LOCAL_NAMES or host.rstrip(".").endswith(".localhost"):
-        raise WebhookUrlRejected("webhook.url must not target this machine")
     ip = parse_host_address(host)
+    if allow_private == ALLOW_LOOPBACK and (_local_name(host) if ip is None else is_loopback(ip)):
+        return  # http too: a development receiver has no certificate
+    if parts.scheme.lower() != "https":
+        raise WebhookUrlRejected(
+            "webhook.url must use https (http only for a loopback receiver in development)"
+        )
+    if _local_name(host):
+        raise WebhookUrlRejected("webhook.url must not target this machine")
     if ip is not None and (reason := address_refused(ip)):
         raise WebhookUrlRejected(f"webhook.url must not target {reason}")
 
 
-async def resolve_target(host: str, port: int, allow_private: bool) -> list[str]:
+async def resolve_target(host: str, port: int, allow_private: str) -> list[str]:
     """The addresses to connect to for `host`, resolved exactly once; raises
-    WebhookUrlRejected if any of them is refused (or the name does not resolve)."""
+    WebhookUrlRejected if any of them is refused at level `allow_private` (or
+    the name does not resolve)."""
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
@@ -140,9 +165,12 @@ async def resolve_target(host: str, port: int, allow_private: bool) -> list[str]
             addresses.append(text)
     if not addresses:
         raise WebhookUrlRejected(f"webhook host {host!r} does not resolve")
-    if not allow_private:
+    if allow_private != ALLOW_ALL:
         for text in addresses:
-            reason = address_refused(ipaddress.ip_address(text.split("%", 1)[0]))
+            ip = ipaddress.ip_address(text.split("%", 1)[0])
+            if allow_private == ALLOW_LOOPBACK and is_loopback(ip):
+                continue
+            reason = address_refused(ip)
             if reason:
                 raise WebhookUrlRejected(f"webhook host {host!r} resolves to {reason} ({text})")
     return addresses

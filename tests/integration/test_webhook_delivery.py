@@ -110,7 +110,7 @@ async def receivers() -> AsyncIterator[Callable[..., Awaitable[Receiver]]]:
 
 def limits(**overrides: object) -> Settings:
     """Settings with webhook_<name>=value for each override (private targets allowed unless said)."""
-    values = {"allow_private": True, "timeout_ms": 5_000, **overrides}
+    values = {"allow_private": "true", "timeout_ms": 5_000, **overrides}
     return dataclasses.replace(Settings(), **{f"webhook_{k}": v for k, v in values.items()})  # type: ignore[arg-type]
 
 
@@ -244,10 +244,24 @@ async def test_a_huge_response_is_read_only_up_to_the_bound(receivers) -> None: 
 async def test_a_private_target_is_refused_unless_allowed(receivers) -> None:  # type: ignore[no-untyped-def]
     r = await receivers(reply(200, b'{"done": true}'))
     for url in (r.url(), r.url(scheme="https"), r.url(host="localhost"), r.url(host="[::ffff:127.0.0.1]")):
-        result = await deliver(client(allow_private=False), url)
+        result = await deliver(client(allow_private="false"), url)
         assert result.status is None and (result.error or "").startswith("url rejected"), url
     assert r.connections == 0
-    assert await deliver(client(allow_private=True), r.url()) == DeliveryResult(200, True, None)
+    assert await deliver(client(allow_private="true"), r.url()) == DeliveryResult(200, True, None)
+
+
+async def test_the_loopback_level_reaches_loopback_only(receivers, resolve_names) -> None:  # type: ignore[no-untyped-def]
+    r = await receivers(reply(200, b'{"done": true}'))
+    loopback = client(allow_private="loopback")
+    assert await deliver(loopback, r.url()) == DeliveryResult(200, True, None)
+    assert await deliver(loopback, r.url(host="localhost")) == DeliveryResult(200, True, None)
+    # A name answering a private address at delivery is refused at this level.
+    resolve_names["hooks.private.test"] = "10.0.0.1"
+    result = await deliver(loopback, r.url(host="hooks.private.test", scheme="https"))
+    assert result.status is None and "resolves to a private" in (result.error or "")
+    result = await deliver(loopback, "http://10.0.0.1:9/hook")
+    assert result.status is None and (result.error or "").startswith("url rejected")
+    assert r.connections == 2
 
 
 async def test_a_name_resolving_to_loopback_is_refused_at_delivery(receivers, resolve_names) -> None:  # type: ignore[no-untyped-def]
@@ -255,7 +269,7 @@ async def test_a_name_resolving_to_loopback_is_refused_at_delivery(receivers, re
     # delivery it resolves to 127.0.0.1: refused before any connection.
     r = await receivers(reply(200, b'{"done": true}'))
     resolve_names["hooks.rebind.test"] = "127.0.0.1"
-    result = await deliver(client(allow_private=False), r.url(host="hooks.rebind.test", scheme="https"))
+    result = await deliver(client(allow_private="false"), r.url(host="hooks.rebind.test", scheme="https"))
     assert result.status is None and "resolves to a loopback address" in (result.error or "")
     assert r.connections == 0
 
@@ -263,13 +277,13 @@ async def test_a_name_resolving_to_loopback_is_refused_at_delivery(receivers, re
 async def test_the_name_is_resolved_once_and_kept_in_host(receivers, resolve_names) -> None:  # type: ignore[no-untyped-def]
     r = await receivers(reply(200, b'{"done": true}'))
     resolve_names["hooks.example.test"] = "127.0.0.1"
-    result = await deliver(client(allow_private=True), r.url(host="hooks.example.test"))
+    result = await deliver(client(allow_private="true"), r.url(host="hooks.example.test"))
     assert result == DeliveryResult(200, True, None)
     assert resolve_names["lookups"] == 1
     assert r.requests[0].headers["host"] == f"hooks.example.test:{r.port}"
     # An internationalised name travels as IDNA (lookup and Host); a raw path is percent-encoded.
     resolve_names["xn--bcher-kva.test"] = "127.0.0.1"
-    result = await deliver(client(allow_private=True), r.url(host="bücher.test", path="/hook/é?a=ü"))
+    result = await deliver(client(allow_private="true"), r.url(host="bücher.test", path="/hook/é?a=ü"))
     assert result == DeliveryResult(200, True, None)
     assert r.requests[1].headers["host"] == f"xn--bcher-kva.test:{r.port}"
     assert r.requests[1].target == "/hook/%C3%A9?a=%C3%BC"
