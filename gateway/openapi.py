@@ -43,6 +43,16 @@ HEADERS: dict[str, Doc] = {
     "Stream-Cursor": _header("The cursor to send back on the next live read (cache busting).", DIGITS),
     "Stream-TTL": _header("The stream's sliding time to live, in seconds.", DIGITS),
     "Stream-Expires-At": _header("The stream's fixed expiry (RFC 3339), as it was set."),
+    "Stream-Hot-Offset": _header(
+        "Tiered history: the stream's trim point. Reads from it on are served from Redis, reads below it "
+        "from the history database. Absent when nothing was trimmed.",
+        {"$ref": "#/components/schemas/Offset"},
+    ),
+    "Stream-Earliest-Offset": _header(
+        "Tiered history without a history database: the earliest offset a read can start from (the trim "
+        "point; reading from it returns the oldest retained message). Not sent when every offset is readable.",
+        {"$ref": "#/components/schemas/Offset"},
+    ),
     "Stream-SSE-Data-Encoding": _header(
         "`base64` when SSE data payloads are base64 (streams that are neither text/* nor JSON).",
         {"type": "string", "enum": ["base64"]},
@@ -94,6 +104,48 @@ def problem(
 ) -> Doc:
     """An error with an application/problem+json body (none on HEAD)."""
     return response(description, required, optional, PROBLEM if body else None)
+
+
+def problem_examples(
+    description: str,
+    examples: dict[str, tuple[int, str, str]],
+    required: tuple[str, ...] = (),
+    optional: tuple[str, ...] = (),
+) -> Doc:
+    """A problem response whose bodies are shown by example: name -> (status, title, detail)."""
+    shown = {
+        key: {"value": {"type": "about:blank", "status": status, "title": title, "detail": detail}}
+        for key, (status, title, detail) in examples.items()
+    }
+    content = {"application/problem+json": {**PROBLEM["application/problem+json"], "examples": shown}}
+    return response(description, required, optional, content)
+
+
+# GET's 410 and 503 with tiered history (gateway/tiering/cold.py; docs/http.md).
+TRIMMED = "0000000000000012_0000000000000003"
+READ_GONE = problem_examples(
+    "The stream was deleted while forks of it live (soft-deleted); or the offset is below the stream's "
+    "trim point and this gateway has no history database (DSGW_HISTORY_DATABASE_URL / DATABASE_URL): "
+    "Stream-Earliest-Offset says where to read from. Long-poll and SSE answer the same before they start.",
+    {
+        "belowTrimPoint": (
+            410,
+            "Offset below the retained data",
+            f"messages up to offset {TRIMMED} were removed; read from {TRIMMED} (header Stream-Earliest-Offset)",
+        ),
+    },
+    optional=("Stream-Earliest-Offset",),
+)
+READ_UNAVAILABLE = problem_examples(
+    "Redis did not answer in time, or this replica has too many live readers; or the offset is below the "
+    "stream's trim point and the history database did not answer within DSGW_HISTORY_TIMEOUT_MS (reads "
+    "from the trim point on still work).",
+    {
+        "historyUnavailable": (503, "History unavailable", "reads below the trim point need Postgres"),
+        "historyIncomplete": (503, "History incomplete", "rows below the trim point are missing"),
+    },
+    required=("Retry-After",),
+)
 
 
 def json_content(schema: Doc) -> Doc:
@@ -306,7 +358,9 @@ def stream_operations() -> Doc:
                     ("Stream-Next-Offset", "ETag", "Cache-Control"),
                     ("Stream-Up-To-Date", "Stream-Closed", "Stream-Cursor"),
                 ),
-                **stream_errors(400, 401, 403, 404, 410, 429, 503),
+                **stream_errors(400, 401, 403, 404, 429),
+                "410": READ_GONE,
+                "503": READ_UNAVAILABLE,
             },
         },
         "head": {
@@ -318,7 +372,13 @@ def stream_operations() -> Doc:
                 "200": response(
                     "The stream exists.",
                     ("Stream-Next-Offset", "Cache-Control"),
-                    ("Stream-TTL", "Stream-Expires-At", "Stream-Closed"),
+                    (
+                        "Stream-TTL",
+                        "Stream-Expires-At",
+                        "Stream-Closed",
+                        "Stream-Hot-Offset",
+                        "Stream-Earliest-Offset",
+                    ),
                 ),
                 **stream_errors(400, 401, 403, 404, 410, 503, body=False),
             },

@@ -137,3 +137,108 @@ def test_real_responses_conform_to_the_document(api_gateway: GatewayProcess, htt
         except Exception as exc:  # collect every operation's failure, then report all
             failures.append(f"{operation.label}: {exc}")
     assert not failures, "\n\n".join(failures)
+
+
+# --- tiered history (issue 11): Stream-Hot-Offset, Stream-Earliest-Offset, GET's 410 and 503 ----
+
+
+def _tiered_gateway(redis_server, tmp_path_factory, history_url: str) -> Iterator[GatewayProcess]:  # type: ignore[no-untyped-def]
+    gw = start_gateway(
+        redis_server.url,
+        tmp_path_factory.mktemp("gw-openapi-tier"),
+        DSGW_RETAIN_MESSAGES="3",  # the streams it creates are tiered
+        DSGW_HISTORY_DATABASE_URL=history_url,
+        DSGW_HISTORY_TIMEOUT_MS="1000",
+    )
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def no_history_gateway(redis_server, tmp_path_factory) -> Iterator[GatewayProcess]:  # type: ignore[no-untyped-def]
+    yield from _tiered_gateway(redis_server, tmp_path_factory, "-")
+
+
+@pytest.fixture(scope="module")
+def dead_history_gateway(redis_server, tmp_path_factory) -> Iterator[GatewayProcess]:  # type: ignore[no-untyped-def]
+    from gateway.embedded import free_port
+
+    yield from _tiered_gateway(redis_server, tmp_path_factory, f"postgresql://x@127.0.0.1:{free_port()}/x")
+
+
+def trimmed_stream(http: httpx.Client, redis_url: str, base: str, name: str) -> str:
+    """A tiered JSON stream of 10 messages trimmed to its newest 3, as the
+    sink's trim.lua call after a commit does it; its trim point."""
+    import redis
+
+    from gateway.keys import stream_keys, trim_due_key
+    from gateway.offsets import entry_id_to_offset
+    from gateway.scripts import script_source
+
+    url = f"{base}/v1/stream/{name}"
+    http.delete(url)
+    assert http.put(url, headers={"content-type": "application/json"}).status_code == 201
+    for i in range(10):
+        assert (
+            http.post(url, headers={"content-type": "application/json"}, content=b'{"n":%d}' % i).status_code
+            == 204
+        )
+    keys = stream_keys(name)
+    with redis.Redis.from_url(redis_url) as r:
+        newest = r.xrevrange(keys.data, count=1)[0][0].decode()
+        point, removed = r.eval(script_source("trim"), 3, keys.meta, keys.data, trim_due_key(keys.shard),
+                                newest, "3", "", name)  # fmt: skip
+    assert removed == 7
+    return entry_id_to_offset(point)
+
+
+def conforms(method: str, response: httpx.Response) -> None:
+    """Schemathesis's checks on one real response, and every Stream-* header
+    it carries is one the document names for that status."""
+    document = build_document(Settings())
+    operation = schemathesis.openapi.from_dict(document)[STREAM_PATH][method]
+    operation.validate_response(response)
+    documented = document["paths"][STREAM_PATH][method.lower()]["responses"][str(response.status_code)]
+    names = {h.lower() for h in documented["headers"]}
+    sent = {h.lower() for h in response.headers if h.lower().startswith("stream-")}
+    assert sent <= names, f"{method} {response.status_code}: undocumented {sorted(sent - names)}"
+    if method != "HEAD" and response.status_code >= 400:
+        # The problem body is one the document shows (status and title).
+        examples = documented["content"]["application/problem+json"]["examples"].values()
+        body = response.json()
+        assert (body["status"], body["title"]) in {
+            (e["value"]["status"], e["value"]["title"]) for e in examples
+        }
+
+
+def read_below_trim(http: httpx.Client, redis_url: str, gw: GatewayProcess, name: str):  # type: ignore[no-untyped-def]
+    """GET from -1 and HEAD of a freshly trimmed stream, both checked against
+    the document; (trim point, GET response, HEAD response)."""
+    point = trimmed_stream(http, redis_url, gw.url, name)
+    url = f"{gw.url}/v1/stream/{name}"
+    below, head = http.get(url, params={"offset": "-1"}), http.head(url)
+    assert head.status_code == 200 and head.headers["stream-hot-offset"] == point
+    conforms("GET", below)
+    conforms("HEAD", head)
+    return point, below, head
+
+
+def test_trimmed_stream_without_history_410_and_head_headers_conform(
+    no_history_gateway: GatewayProcess, redis_server, http: httpx.Client
+) -> None:  # type: ignore[no-untyped-def]
+    point, gone, head = read_below_trim(http, redis_server.url, no_history_gateway, "openapi/tiered-410")
+    assert gone.status_code == 410 and gone.headers["stream-earliest-offset"] == point
+    assert gone.json()["status"] == 410
+    assert head.headers["stream-earliest-offset"] == point
+    hot = http.get(f"{no_history_gateway.url}/v1/stream/openapi/tiered-410", params={"offset": point})
+    assert hot.status_code == 200 and hot.json() == [{"n": 7}, {"n": 8}, {"n": 9}]
+    conforms("GET", hot)
+
+
+def test_trimmed_stream_with_history_down_503_conforms(
+    dead_history_gateway: GatewayProcess, redis_server, http: httpx.Client
+) -> None:  # type: ignore[no-untyped-def]
+    _, unavailable, head = read_below_trim(http, redis_server.url, dead_history_gateway, "openapi/tiered-503")
+    assert unavailable.status_code == 503 and unavailable.headers["retry-after"] == "1"
+    assert unavailable.json()["title"] == "History unavailable"
+    assert "stream-earliest-offset" not in head.headers  # a history database: every offset readable
