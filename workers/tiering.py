@@ -121,8 +121,10 @@ class Trimmer:
             pipe = self.redis.pipeline(transaction=False)
             for name, entry_id in streams:
                 keys = stream_keys(name)
-                pipe.evalsha(self._sha, 3, keys.meta, keys.data, trim_due_key(keys.shard),
-                             entry_id, *self.retention, name)  # fmt: skip
+                # execute_command, not pipe.evalsha: redis-py refuses evalsha in
+                # cluster pipelines; EVALSHA by name is routed by its keys' slot.
+                pipe.execute_command("EVALSHA", self._sha, 3, keys.meta, keys.data,
+                                     trim_due_key(keys.shard), entry_id, *self.retention, name)  # fmt: skip
             results = await pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
                 # A new or restarted Redis: load the script, run the (idempotent) round again.
