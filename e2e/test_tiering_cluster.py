@@ -36,7 +36,7 @@ import redis
 from redis.crc import key_slot
 
 from e2e import stack as stack_module
-from gateway.keys import stream_keys
+from gateway.keys import stream_keys, trim_due_key
 from gateway.offsets import entry_id_to_offset
 from gateway.scripts import script_sha
 
@@ -50,7 +50,24 @@ JSON = "application/json"
 @dataclass
 class TierStack:
     base_url: str  # this module's balancer
+    redis_url: str
+    env: dict[str, str]  # the gateways' and the sink's
     procs: list[stack_module.Proc] = field(default_factory=list)
+
+    def start_sink(self, **extra: str) -> None:
+        """(Re)start this module's sink with `extra` settings on top of env."""
+        for proc in [p for p in self.procs if p.role == "sink"]:
+            stack_module.stop_proc(proc)
+            self.procs.remove(proc)
+        self.procs.append(
+            stack_module._spawn(
+                "sink",
+                [sys.executable, "-m", "gateway.cli", "worker", "sink"],
+                stack_module.STACK_DIR / "tier-e2e-sink.log",
+                env={"REDIS_URL": self.redis_url, **self.env, **extra},
+                marker="worker sink",
+            )
+        )
 
 
 def _start_balancer(gateways: list[stack_module.Proc], tag: str) -> stack_module.Proc:
@@ -89,7 +106,7 @@ def tier(stack: stack_module.Stack) -> Iterator[TierStack]:
         "DATABASE_URL": stack.database_url,  # the gateways' history database, the sink's target
         "DSGW_RETAIN_MESSAGES": str(RETAIN),
     }
-    own = TierStack(base_url="")
+    own = TierStack(base_url="", redis_url=stack.redis_url, env=env)
     # The stack's sink (no retention) shares the feeds' consumer group: a batch
     # it commits records `synced` but trims nothing. It is stopped (drained)
     # while this module runs and started again after, as e2e/chaos restarts do.
@@ -102,15 +119,7 @@ def tier(stack: stack_module.Stack) -> Iterator[TierStack]:
         for proc in own.procs:
             stack_module.wait_ready(f"http://127.0.0.1:{proc.port}/readyz")
         gateways = list(own.procs)
-        own.procs.append(
-            stack_module._spawn(
-                "sink",
-                [sys.executable, "-m", "gateway.cli", "worker", "sink"],
-                stack_module.STACK_DIR / f"{tag}-sink.log",
-                env={"REDIS_URL": stack.redis_url, **env},
-                marker="worker sink",
-            )
-        )
+        own.start_sink()
         balancer = _start_balancer(gateways, tag)
         own.procs.append(balancer)
         own.base_url = f"http://127.0.0.1:{balancer.port}"
@@ -144,9 +153,11 @@ def owner(owners: dict[tuple[int, int], redis.Redis], key: str) -> redis.Redis:
     return next(node for (start, end), node in owners.items() if start <= slot <= end)
 
 
-def names_on_every_master(owners: dict[tuple[int, int], redis.Redis], prefix: str) -> list[str]:
-    """PER_MASTER stream names whose keys live on each master."""
-    wanted = {id(node): PER_MASTER for node in owners.values()}
+def names_on_every_master(
+    owners: dict[tuple[int, int], redis.Redis], prefix: str, per_master: int = PER_MASTER
+) -> list[str]:
+    """`per_master` stream names whose keys live on each master."""
+    wanted = {id(node): per_master for node in owners.values()}
     names = []
     i = 0
     while any(wanted.values()):
@@ -322,3 +333,37 @@ async def test_tiered_history_on_every_master_through_the_balancer(stack, tier):
         assert own.status_code == 204
         chunks = await catch_up(client, f"/v1/stream/{fork}", JSON)
         assert joined(chunks, JSON) == w.joined() + b',{"own":1}'
+
+
+async def test_idle_streams_age_out_through_the_sweep_on_every_master(stack, tier):  # type: ignore[no-untyped-def]
+    """DSGW_RETAIN_SECONDS: streams that stop receiving appends are trimmed by
+    the sink's sweep (one pipelined read of every shard's schedule, one
+    pipelined trim.lua round), on each master; their history stays readable."""
+    tier.start_sink(DSGW_RETAIN_SECONDS="1", DSGW_TRIM_SWEEP_MS="200")
+    owners = masters(stack.redis_url)
+    names = names_on_every_master(owners, f"tier-e2e-age-{uuid.uuid4().hex[:8]}", per_master=1)
+    rng = random.Random(12)
+    written = {name: Written(BINARY) for name in names}
+    async with httpx.AsyncClient(base_url=tier.base_url, timeout=30) as client:
+        for name, w in written.items():
+            assert (
+                await client.put(f"/v1/stream/{name}", headers={"content-type": BINARY})
+            ).status_code == 201
+            for _ in range(3):  # below the count limit: only age trims these
+                await append(client, f"/v1/stream/{name}", w, rng)
+        pending = set(names)
+        for _ in range(300):
+            for name in list(pending):
+                point, length = trim_point(owner(owners, stream_keys(name).data), name)
+                if length == 0 and entry_id_to_offset(point) == written[name].offsets[-1]:
+                    pending.discard(name)
+            if not pending:
+                break
+            await asyncio.sleep(0.1)
+        assert not pending, f"never aged out: {sorted(pending)}; see .stack/tier-e2e-sink.log"
+        for name, w in written.items():
+            keys = stream_keys(name)
+            # Nothing left to age out: off the shard's schedule.
+            assert owner(owners, keys.meta).zscore(trim_due_key(keys.shard), name) is None
+            chunks = await catch_up(client, f"/v1/stream/{name}", BINARY)
+            assert joined(chunks, BINARY) == w.joined() and chunks[-1][0] == w.offsets[-1]
