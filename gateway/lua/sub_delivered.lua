@@ -10,6 +10,10 @@
 --   ARGV[3] jitter factor for a retry, in [-0.2, 0.2]
 --   ARGV[4] a fresh wake id (after 'done', if work is still pending)
 --   ARGV[5] ms another replica waits before taking over that next delivery
+--   ARGV[6] '1' when 'done' acks only the streams ARGV[7..] (those the webhook
+--           body listed: a body lists at most what fits, see wakebody.py), ''
+--           for the whole snapshot
+--   ARGV[7..] stream paths
 --
 -- Output:
 --   {'stale'}                          the wake is over (fenced, expired, deleted)
@@ -45,6 +49,13 @@ if outcome ~= 'done' then
   return {'ok', next_due(st), '0'}
 end
 local snap = cjson.decode(st.snap or '{}')
+if ARGV[6] == '1' then
+  local listed = {}
+  for i = 7, #ARGV do
+    listed[ARGV[i]] = snap[ARGV[i]]
+  end
+  snap = listed
+end
 for path, tail in pairs(snap) do
   local acked = redis.call('HGET', KEYS[3], path)
   if acked and bytes_lt(acked, tail) then

@@ -24,6 +24,7 @@ from .errors import SubError, invalid, not_found
 from .signing import KeyHolder, Keys, TokenError
 from .state import TAKEOVER_MS, SubState, new_wake_id, now_ms, text
 from .urlsafety import WebhookUrlRejected, check_callback_url
+from .wakebody import encoded_size, fit_streams
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -94,8 +95,8 @@ class Subscriptions:
         config = parse_config(body)
         if config.webhook_url:
             # The URL rules are urlsafety.py's. The official suite runs with
-            # DSGW_WEBHOOK_ALLOW_PRIVATE=true (its receiver is on 127.0.0.1) and
-            # still expects http://10.0.0.1/hook refused with WEBHOOK_URL_REJECTED.
+            # DSGW_WEBHOOK_ALLOW_PRIVATE=loopback (its receiver is on 127.0.0.1)
+            # and expects http://10.0.0.1/hook refused with WEBHOOK_URL_REJECTED.
             try:
                 check_callback_url(config.webhook_url, self.settings.webhook_allow_private)
             except WebhookUrlRejected as exc:
@@ -343,10 +344,12 @@ class Subscriptions:
         """Send one wake (webhook POST or wake event) and record the outcome; a
         webhook answering done may lead straight to the next wake."""
         while True:
+            listed: list[str] | None = None
             try:
-                outcome = await (self._post_webhook if kind == "webhook" else self._append_wake_event)(
-                    sub_id, gen, wake_id
-                )
+                if kind == "webhook":
+                    outcome, listed = await self._post_webhook(sub_id, gen, wake_id)
+                else:
+                    outcome = await self._append_wake_event(sub_id, gen, wake_id)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -356,8 +359,12 @@ class Subscriptions:
                 return
             metrics.DELIVERIES.labels(kind, outcome).inc()
             jitter = random.uniform(-JITTER, JITTER)
+            # A webhook's {"done": true} acks only the streams its body listed.
+            only = ["1", *listed] if listed is not None else [""]
             reply = await self.state.sub(
-                "sub_delivered", sub_id, [wake_id, outcome, f"{jitter:.4f}", new_wake_id(), TAKEOVER_MS]
+                "sub_delivered",
+                sub_id,
+                [wake_id, outcome, f"{jitter:.4f}", new_wake_id(), TAKEOVER_MS, *only],
             )
             if reply[0] == "stale":
                 return
@@ -368,21 +375,33 @@ class Subscriptions:
             metrics.WAKES.inc()
             gen, wake_id, kind = int(reply[1]), reply[2], reply[3]
 
-    async def _post_webhook(self, sub_id: str, gen: int, wake_id: str) -> str:
+    async def _post_webhook(self, sub_id: str, gen: int, wake_id: str) -> tuple[str, list[str]]:
+        """POST the wake; the outcome and the streams the body listed."""
         from . import webhook
 
         rec = await self.state.load(sub_id)
         if rec is None or rec["state"].get("wake") != wake_id:
-            return "stale"
+            return "stale", []
         signing = await self.signing()
-        payload = {
+        payload: dict[str, Any] = {
             "subscription_id": sub_id,
             "wake_id": wake_id,
             "generation": gen,
-            "streams": _stream_infos(rec, snapshot=True),
+            "streams": [],
+            "has_more": True,
             "callback_url": self.control_url(f"subscriptions/{quote(sub_id, safe='')}/callback"),
             "callback_token": signing.issue_token(sub_id, wake_id, gen, TOKEN_TTL_S),
         }
+        # Only streams with pending work, as many as fit (wakebody.py).
+        pending = [info for info in _stream_infos(rec, snapshot=True) if info["has_pending"]]
+        payload["streams"], more = fit_streams(
+            pending, encoded_size(payload), self.settings.webhook_max_payload_bytes, gen
+        )
+        if more:
+            metrics.TRUNCATED.inc()
+        else:
+            del payload["has_more"]
+        listed = [info["path"] for info in payload["streams"]]
         body = json.dumps(payload, separators=(",", ":")).encode()
         headers = {
             "content-type": "application/json",
@@ -391,8 +410,8 @@ class Subscriptions:
         result = await webhook.deliver(rec["def"]["url"], body, headers)
         if not result.ok:
             log.info("webhook delivery failed", extra={"fields": {"id": sub_id, "error": result.error}})
-            return "failed"
-        return "done" if result.done else "sent"
+            return "failed", listed
+        return ("done" if result.done else "sent"), listed
 
     async def _append_wake_event(self, sub_id: str, gen: int, wake_id: str) -> str:
         rec = await self.state.load(sub_id)

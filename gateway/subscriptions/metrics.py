@@ -20,3 +20,7 @@ DELIVERIES = Counter(
 )
 LEASE_EXPIRIES = Counter("dsgw_subscription_lease_expiries_total", "Leases that ran out (holder cleared)")
 CLAIMS = Counter("dsgw_subscription_claims_total", "Pull-wake claims granted")
+TRUNCATED = Counter(
+    "dsgw_subscription_webhook_bodies_truncated_total",
+    "Webhook bodies that listed only some pending streams (has_more; the rest come in the next wake)",
+)

@@ -404,12 +404,28 @@ def test_with_auth_on_managing_needs_manage_and_callbacks_need_only_their_token(
         gw.stop()
 
 
+def serve_on_loopback(handler: type) -> tuple[Any, str]:
+    """A threaded HTTP server on 127.0.0.1 running `handler`, and its hook URL."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}/hook"
+
+
+def respond(handler: Any, status: int, body: bytes) -> None:
+    handler.send_response(status)
+    handler.send_header("content-length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class Receiver:
     """A webhook receiver on 127.0.0.1 that records deliveries and answers `answer`."""
 
     def __init__(self, answer: bytes = b"{}") -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         received = self.received = []  # type: ignore[var-annotated]
 
@@ -417,17 +433,12 @@ class Receiver:
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers["content-length"]))
                 received.append(json.loads(body))
-                self.send_response(200)
-                self.send_header("content-length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
+                respond(self, 200, answer)
 
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve_on_loopback(Handler)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -543,3 +554,179 @@ def test_a_timer_rearmed_during_a_tick_is_not_dropped(rc):
     assert rc.eval(done, 1, timers, "s2", now + 15_000) == 0
     assert rc.zrange(timers, 0, -1, withscores=True) == [(b"s2", float(now + 500))]
     rc.delete(timers)
+
+
+# --- many linked streams: bounded webhook bodies ------------------------------------
+
+MAX_PAYLOAD = 256 * 1024  # DSGW_WEBHOOK_MAX_PAYLOAD_BYTES' default
+
+
+def each(calls: list[Callable[[httpx.Client], httpx.Response]]) -> list[httpx.Response]:
+    """Run the requests on 16 threads (one client each); their responses, in order."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = threading.local()
+
+    def run(call: Callable[[httpx.Client], httpx.Response]) -> httpx.Response:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=30)
+        return call(local.client)
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(run, calls))
+
+
+class AckingReceiver(Receiver):
+    """Records every webhook body (raw size, listed streams) and acks what it
+    lists: by callback (answering {} first), or by answering {"done": true}.
+    While `open` is clear it answers 503 (the wake stays in flight, retried)."""
+
+    def __init__(self, gw: GatewayProcess, sub: str, by_callback: bool) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler
+
+        self.sizes: list[int] = []
+        self.listed: set[str] = set()
+        self.truncated = 0
+        self.open = threading.Event()
+        self.open.set()
+        receiver = self
+
+        def call_back(delivery: dict[str, Any]) -> None:
+            acks = [{"stream": s["path"], "offset": s["tail_offset"]} for s in delivery["streams"]]
+            with httpx.Client(timeout=30) as client:
+                client.post(
+                    url(gw, f"__ds/subscriptions/{sub}/callback"),
+                    headers={"authorization": f"Bearer {delivery['callback_token']}"},
+                    json={"wake_id": delivery["wake_id"], "generation": delivery["generation"],
+                          "acks": acks, "done": True},
+                )  # fmt: skip
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                raw = self.rfile.read(int(self.headers["content-length"]))
+                if not receiver.open.is_set():
+                    respond(self, 503, b"")
+                    return
+                delivery = json.loads(raw)
+                receiver.sizes.append(len(raw))
+                receiver.listed.update(s["path"] for s in delivery["streams"])
+                receiver.truncated += bool(delivery.get("has_more"))
+                assert all(s["has_pending"] for s in delivery["streams"])
+                respond(self, 200, b"{}" if by_callback else b'{"done": true}')
+                if by_callback:
+                    threading.Thread(target=call_back, args=(delivery,), daemon=True).start()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server, self.url = serve_on_loopback(Handler)
+
+
+def many_streams(gw: GatewayProcess, http: httpx.Client, n: int) -> tuple[str, list[str]]:
+    tag = uuid.uuid4().hex[:8]
+    paths = [f"many-{tag}/stream-{i:05d}" for i in range(n)]
+    headers = {"content-type": "application/json"}
+    created = each([lambda c, p=p: c.put(url(gw, p), content=b"", headers=headers) for p in paths])
+    assert {r.status_code for r in created} == {201}
+    return tag, paths
+
+
+def append_all(gw: GatewayProcess, paths: list[str]) -> dict[str, str]:
+    """Append one message to each stream; their new tails."""
+    done = each([lambda c, p=p: c.post(url(gw, p), json={"p": p}) for p in paths])
+    assert {r.status_code for r in done} == {204}
+    return {p: r.headers["stream-next-offset"] for p, r in zip(paths, done, strict=True)}
+
+
+def wait_acked(gw: GatewayProcess, http: httpx.Client, sub: str, tails: dict[str, str]) -> None:
+    def acked() -> bool:
+        got = {
+            s["path"]: s["acked_offset"]
+            for s in http.get(url(gw, f"__ds/subscriptions/{sub}")).json()["streams"]
+        }
+        return all(got.get(p) == t for p, t in tails.items())
+
+    wait_for(acked, timeout_s=120)
+
+
+@pytest.mark.parametrize("by_callback", [True, False], ids=["callbacks", "done-answers"])
+def test_a_webhook_over_3000_streams_lists_pending_ones_in_bodies_within_the_limit(pair, http, by_callback):
+    a, b = pair
+    tag, paths = many_streams(a, http, 3000)
+    sub = f"many-{tag}"
+    receiver = AckingReceiver(b, sub, by_callback)
+    try:
+        body = {"type": "webhook", "pattern": f"many-{tag}/*", "webhook": {"url": receiver.url}}
+        created = http.put(url(a, f"__ds/subscriptions/{sub}"), json=body)
+        assert created.status_code == 201 and len(created.json()["streams"]) == 3000
+        # A few streams with appends: the bodies list just those.
+        few = append_all(a, paths[100:3000:700])
+        wait_acked(a, http, sub, few)
+        assert receiver.listed == set(few) and receiver.truncated == 0
+        assert max(receiver.sizes) < 10_000
+        # Every stream with appends (while the first wake is held back, so the
+        # next one finds them all pending): more than one body holds, each
+        # within the limit; every stream is listed, so acked through what it was sent.
+        receiver.listed.clear()
+        receiver.open.clear()
+        tails = append_all(b, paths)
+        receiver.open.set()
+        wait_acked(a, http, sub, tails)
+        assert receiver.listed == set(paths)
+        assert receiver.truncated >= 1 and max(receiver.sizes) <= MAX_PAYLOAD
+        assert http.get(url(a, f"__ds/subscriptions/{sub}")).json()["status"] == "active"
+    finally:
+        http.delete(url(a, f"__ds/subscriptions/{sub}"))
+        receiver.close()
+
+
+def test_a_linked_stream_resharded_from_16_to_64_shards_still_wakes_its_subscription(tmp_path, http):
+    """`dsgw reshard` moves a stream's `:subs` link set with its other keys and
+    re-files the shard wake queues: after 16 -> 64 an append still wakes the
+    subscription, and a wake queued under the old layout is dispatched."""
+    from tests.conftest import ROOT
+
+    server = start_redis(tmp_path / "redis", persistent=False)
+    rc = redis.Redis.from_url(server.url)
+    tag = uuid.uuid4().hex[:8]
+    sub, wake, stream, queued = f"rs-{tag}", f"wake-{tag}", f"rs-{tag}/linked", f"rs-{tag}/queued"
+    json_type = {"content-type": "application/json"}
+    gw = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SHARDS="16", DSGW_SINK_STREAMS="-"))
+    try:
+        for path in (wake, stream, queued):
+            assert http.put(url(gw, path), content=b"[]", headers=json_type).status_code == 201
+        body = {"type": "pull-wake", "streams": [stream, queued], "wake_stream": wake}
+        assert http.put(url(gw, f"__ds/subscriptions/{sub}"), json=body).status_code == 201
+    finally:
+        gw.stop()
+    try:
+        old_queue = keys.stream_keys_in(queued, 16).wakes
+        # As if the gateway had stopped right after an append, before dispatching it.
+        rc.zadd(old_queue, {queued: int(time.time() * 1000)})
+        moved = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "reshard", "--to", "64"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "REDIS_URL": server.url},
+        )  # fmt: skip
+        assert moved.returncode == 0, moved.stderr
+        for path in (stream, queued):
+            assert rc.smembers(keys.stream_keys_in(path, 64).subs) == {sub.encode()}
+            assert not rc.exists(keys.stream_keys_in(path, 16).subs)
+        new_queue = keys.stream_keys_in(queued, 64).wakes
+        assert rc.zscore(new_queue, queued) is not None and rc.zscore(old_queue, queued) is None
+
+        gw = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SHARDS="64", DSGW_SINK_STREAMS="-"))
+        try:
+            wait_for(lambda: rc.zscore(new_queue, queued) is None)  # the moved entry was dispatched
+            assert http.post(url(gw, stream), json={"after": "reshard"}).status_code == 204
+            events = wait_for(lambda: wake_events(gw, http, wake, sub))
+            assert events[0]["stream"] == stream
+            claimed = claim(gw, http, sub, "w").json()
+            assert [s["path"] for s in claimed["streams"] if s["has_pending"]] == [stream]
+        finally:
+            gw.stop()
+    finally:
+        rc.close()
+        server.stop()
