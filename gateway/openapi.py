@@ -16,6 +16,7 @@ from starlette.routing import BaseRoute, Route
 
 from . import __version__
 from .settings import Settings
+from .subscriptions.errors import STATUS as SUB_ERROR_STATUS
 
 OPENAPI_PATH = "/openapi.json"
 STREAM_PATH = "/v1/stream/{name}"
@@ -399,12 +400,269 @@ def stream_operations() -> Doc:
     }
 
 
+# --- subscriptions (issue 12): /v1/stream/__ds/... (gateway/subscriptions/api.py) ---------------
+
+DS_PREFIX = "/v1/stream/__ds"
+SUB_PATH = DS_PREFIX + "/subscriptions/{id}"
+JWKS_PATH = DS_PREFIX + "/jwks.json"
+
+SUB_ID = _param(
+    "id",
+    "path",
+    "The subscription's id: 1 to 256 bytes, printable, no spaces and no `/` (400 otherwise).",
+    {"type": "string", "minLength": 1, "pattern": "^[^/]+$"},
+    required=True,
+    examples={"orders": {"value": "orders-indexer"}},
+)
+# Callbacks, pull-wake acks and releases carry the wake's own token (from the
+# webhook body or the claim), never a service token; fencing checks it.
+CALLBACK_TOKEN: list[Doc] = [{"callbackToken": []}]
+
+
+def sub_error(description: str, *codes: str) -> Doc:
+    """A subscription API error: application/json `{"error": {"code", "message"}}`
+    whose code is one of `codes`."""
+    schema = {
+        "allOf": [
+            {"$ref": "#/components/schemas/SubscriptionError"},
+            {"properties": {"error": {"properties": {"code": {"enum": list(codes)}}}}},
+        ]
+    }
+    return response(f"{description} (code {', '.join(codes)}).", content=json_content(schema))
+
+
+def sub_errors(*statuses: int) -> dict[str, Doc]:
+    """The errors every __ds/subscriptions/{id}... operation may give besides its own."""
+    texts: dict[int, Doc] = {
+        400: sub_error("Invalid id or body", "INVALID_REQUEST"),
+        401: problem("Auth is on and the bearer token is missing or invalid.", ("WWW-Authenticate",)),
+        403: problem(
+            "The token's `manage` (PUT, DELETE, streams) or `read` (GET, claim) globs do not cover "
+            "`__ds/subscriptions/{id}`.",
+            optional=("WWW-Authenticate",),
+        ),
+        404: sub_error("No such subscription", "SUBSCRIPTION_NOT_FOUND"),
+        413: problem("Body over 1 MiB."),
+        503: problem("Redis did not answer in time.", ("Retry-After",)),
+    }
+    return {str(code): texts[code] for code in statuses}
+
+
+def token_errors() -> Doc:
+    return {
+        "401": sub_error(
+            "The Authorization bearer is missing, malformed, not signed by this deployment, for another "
+            "subscription, or expired",
+            "TOKEN_INVALID",
+            "TOKEN_EXPIRED",
+        )
+    }
+
+
+def json_body(ref: str, description: str) -> Doc:
+    return {
+        "description": description,
+        "required": True,
+        "content": json_content({"$ref": f"#/components/schemas/{ref}"}),
+    }
+
+
+def subscription_paths() -> Doc:
+    """Every __ds operation; declared before the generic stream path that would
+    otherwise match them (a stream name may contain `/`)."""
+    subscription = json_content({"$ref": "#/components/schemas/Subscription"})
+    ack_result = json_content({"$ref": "#/components/schemas/AckResult"})
+    id_param = [SUB_ID]
+    return {
+        JWKS_PATH: plain_get(
+            "subscriptionJwks",
+            "The public Ed25519 keys that sign webhook deliveries (public, no auth)",
+            {
+                "200": response(
+                    "The JSON Web Key Set; a rotated-in key is listed before it signs anything.",
+                    ("Cache-Control",),
+                    content={"application/jwk-set+json": {"schema": {"$ref": "#/components/schemas/JwkSet"}}},
+                ),
+                "503": problem("Redis did not answer in time.", ("Retry-After",)),
+            },
+        ),
+        SUB_PATH: {
+            "put": {
+                "operationId": "putSubscription",
+                "summary": "Create a subscription; idempotent with the same configuration",
+                "security": BEARER,
+                "parameters": id_param,
+                "requestBody": json_body("SubscriptionConfig", "The subscription's configuration."),
+                "responses": {
+                    "201": response("Created.", content=subscription),
+                    "200": response("It already exists with this configuration.", content=subscription),
+                    "400": sub_error(
+                        "Invalid id or configuration, or a webhook URL that is not allowed "
+                        "(DSGW_WEBHOOK_ALLOW_PRIVATE)",
+                        "INVALID_REQUEST",
+                        "WEBHOOK_URL_REJECTED",
+                    ),
+                    **sub_errors(401, 403),
+                    "409": sub_error(
+                        "A subscription with this id has another configuration", "SUBSCRIPTION_ALREADY_EXISTS"
+                    ),
+                    **sub_errors(413, 503),
+                },
+            },
+            "get": {
+                "operationId": "getSubscription",
+                "summary": "The subscription: configuration, linked streams with their acked offsets, status",
+                "security": BEARER,
+                "parameters": id_param,
+                "responses": {
+                    "200": response("The subscription.", content=subscription),
+                    **sub_errors(400, 401, 403, 404, 503),
+                },
+            },
+            "delete": {
+                "operationId": "deleteSubscription",
+                "summary": "Delete the subscription and unlink its streams (204 also when it does not exist)",
+                "security": BEARER,
+                "parameters": id_param,
+                "responses": {"204": response("Deleted."), **sub_errors(400, 401, 403, 503)},
+            },
+        },
+        SUB_PATH + "/streams": {
+            "post": {
+                "operationId": "addSubscriptionStreams",
+                "summary": "Link more streams explicitly",
+                "security": BEARER,
+                "parameters": id_param,
+                "requestBody": json_body("AddStreams", "The streams to link."),
+                "responses": {"204": response("Linked."), **sub_errors(400, 401, 403, 404, 413, 503)},
+            }
+        },
+        SUB_PATH + "/streams/{path}": {
+            "delete": {
+                "operationId": "removeSubscriptionStream",
+                "summary": "Remove a stream's explicit link (a stream the pattern matches stays linked)",
+                "security": BEARER,
+                "parameters": [
+                    SUB_ID,
+                    _param(
+                        "path",
+                        "path",
+                        "The stream's path (may contain `/`).",
+                        {"type": "string", "minLength": 1},
+                        required=True,
+                    ),
+                ],
+                "responses": {"204": response("Unlinked."), **sub_errors(400, 401, 403, 404, 503)},
+            }
+        },
+        SUB_PATH + "/callback": {
+            "post": {
+                "operationId": "subscriptionCallback",
+                "summary": "A webhook receiver acks (and says done) for the wake it was sent",
+                "description": "Authorization: Bearer <callback_token from the webhook body>.",
+                "security": CALLBACK_TOKEN,
+                "parameters": id_param,
+                "requestBody": json_body("Ack", "The wake being answered and the offsets processed."),
+                "responses": {
+                    "200": response(
+                        "Acked; `next_wake` when a new wake was issued at once.", content=ack_result
+                    ),
+                    **sub_errors(400),
+                    **token_errors(),
+                    **sub_errors(404),
+                    "409": sub_error(
+                        "The wake is not current (stale generation or wake id), or an offset beyond the "
+                        "stream's tail",
+                        "FENCED",
+                        "INVALID_OFFSET",
+                    ),
+                    **sub_errors(413, 503),
+                },
+            }
+        },
+        SUB_PATH + "/claim": {
+            "post": {
+                "operationId": "claimSubscriptionWake",
+                "summary": "A pull-wake worker claims the pending wake and its lease",
+                "security": BEARER,
+                "parameters": id_param,
+                "requestBody": json_body("Claim", "The claiming worker."),
+                "responses": {
+                    "200": response(
+                        "Claimed: the token for ack and release, and the linked streams.",
+                        content=json_content({"$ref": "#/components/schemas/ClaimResult"}),
+                    ),
+                    "400": sub_error(
+                        "Invalid id or body, or not a pull-wake subscription", "INVALID_REQUEST"
+                    ),
+                    **sub_errors(401, 403, 404),
+                    "409": sub_error(
+                        "Another worker holds the lease (with current_holder and generation), or "
+                        "nothing is pending",
+                        "ALREADY_CLAIMED",
+                        "NO_PENDING_WORK",
+                    ),
+                    **sub_errors(413, 503),
+                },
+            }
+        },
+        SUB_PATH + "/ack": {
+            "post": {
+                "operationId": "ackSubscriptionWake",
+                "summary": "A pull-wake worker acks offsets (and says done) under its claim",
+                "description": "Authorization: Bearer <token from the claim>.",
+                "security": CALLBACK_TOKEN,
+                "parameters": id_param,
+                "requestBody": json_body("Ack", "The claimed wake and the offsets processed."),
+                "responses": {
+                    "200": response(
+                        "Acked; `next_wake` when a new wake was issued at once.", content=ack_result
+                    ),
+                    "400": sub_error(
+                        "Invalid id or body, or not a pull-wake subscription", "INVALID_REQUEST"
+                    ),
+                    **token_errors(),
+                    **sub_errors(404),
+                    "409": sub_error(
+                        "The claim is not current, or an offset beyond the stream's tail",
+                        "FENCED",
+                        "INVALID_OFFSET",
+                    ),
+                    **sub_errors(413, 503),
+                },
+            }
+        },
+        SUB_PATH + "/release": {
+            "post": {
+                "operationId": "releaseSubscriptionWake",
+                "summary": "A pull-wake worker gives its claim back without finishing",
+                "description": "Authorization: Bearer <token from the claim>.",
+                "security": CALLBACK_TOKEN,
+                "parameters": id_param,
+                "requestBody": json_body("Release", "The claimed wake."),
+                "responses": {
+                    "204": response("Released."),
+                    "400": sub_error(
+                        "Invalid id or body, or not a pull-wake subscription", "INVALID_REQUEST"
+                    ),
+                    **token_errors(),
+                    **sub_errors(404),
+                    "409": sub_error("The claim is not current", "FENCED"),
+                    **sub_errors(413, 503),
+                },
+            }
+        },
+    }
+
+
 def reserved_operations() -> Doc:
-    path = {"name": "path", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+    # Anything under `__ds/` that is not one of the subscription routes.
+    other = {"type": "string", "minLength": 1, "pattern": "^(?!subscriptions/[^/]|jwks\\.json$)"}
+    path = _param("path", "path", "A path under `__ds/` that is no control route.", other, required=True)
     op = {
-        "summary": "Reserved for the protocol's own APIs (subscriptions); not implemented: always 404",
+        "summary": "Other paths under the reserved `__ds` root: 404",
         "parameters": [path],
-        "responses": {"404": problem("Reserved path.")},
+        "responses": {"404": sub_error("No such control route", "SUBSCRIPTION_NOT_FOUND")},
     }
     return {
         method: {**op, "operationId": f"reserved_{method}"} for method in ("get", "put", "post", "delete")
@@ -582,6 +840,174 @@ SCHEMAS: Doc = {
     },
 }
 
+STRING_LIST = {"type": "array", "items": {"type": "string"}}
+LINKED = {
+    "path": {"type": "string"},
+    "link_type": {"type": "string", "enum": ["explicit", "glob"]},
+    "acked_offset": {
+        "type": "string",
+        "description": "Processed up to here: an offset, or `-1` for a stream linked before its first entry.",
+    },
+}
+WAKE = {
+    "generation": {"type": "integer", "description": "The wake's generation (fencing)."},
+    "wake_id": {"type": "string"},
+}
+SUBSCRIPTION: Doc = {
+    "id": {"type": "string"},
+    "subscription_id": {"type": "string"},
+    "type": {"type": "string", "enum": ["webhook", "pull-wake"]},
+    "pattern": {"type": "string"},
+    "streams": {
+        "type": "array",
+        "items": {"type": "object", "required": list(LINKED), "properties": LINKED},
+    },
+    "webhook": {
+        "type": "object",
+        "required": ["url", "signing"],
+        "properties": {
+            "url": {"type": "string"},
+            "signing": {
+                "type": "object",
+                "required": ["alg", "kid", "jwks_url"],
+                "properties": {
+                    "alg": {"type": "string", "enum": ["ed25519"]},
+                    "kid": {"type": "string"},
+                    "jwks_url": {"type": "string"},
+                },
+            },
+        },
+    },
+    "wake_stream": NULLABLE_STRING,
+    "lease_ttl_ms": {"type": "integer"},
+    "created_at": {"type": "string", "format": "date-time"},
+    "status": {"type": "string", "enum": ["active", "failed"]},
+    "description": {"type": "string"},
+}
+SUB_SCHEMAS: Doc = {
+    "SubscriptionError": {
+        "type": "object",
+        "description": "The subscription API's errors (PROTOCOL.md); ALREADY_CLAIMED adds current_holder "
+        "and generation.",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string", "enum": sorted(SUB_ERROR_STATUS)},
+                    "message": {"type": "string"},
+                    "current_holder": {"type": "string"},
+                    "generation": {"type": "integer"},
+                },
+            }
+        },
+    },
+    "SubscriptionConfig": {
+        "type": "object",
+        "description": "At least one of pattern and streams. Webhook subscriptions need webhook.url, "
+        "pull-wake ones wake_stream. No path may be under `__ds`.",
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string", "enum": ["webhook", "pull-wake"]},
+            "pattern": {
+                "type": "string",
+                "description": "A glob over stream paths (`*` one segment, `**` any).",
+            },
+            "streams": {**STRING_LIST, "minItems": 1, "maxItems": 1000},
+            "webhook": {
+                "type": "object",
+                "required": ["url"],
+                "properties": {"url": {"type": "string", "maxLength": 2048}},
+            },
+            "wake_stream": {"type": "string", "description": "Pull-wake: the stream wake events go to."},
+            "lease_ttl_ms": {"type": "integer", "minimum": 1000, "maximum": 600000, "default": 30000},
+            "description": {"type": "string", "maxLength": 2048},
+        },
+    },
+    "Subscription": {
+        "type": "object",
+        # Every field but these three is always there.
+        "required": [k for k in SUBSCRIPTION if k not in ("pattern", "webhook", "description")],
+        "properties": SUBSCRIPTION,
+    },
+    "AddStreams": {
+        "type": "object",
+        "required": ["streams"],
+        "properties": {"streams": {**STRING_LIST, "minItems": 1, "maxItems": 1000}},
+    },
+    "Ack": {
+        "type": "object",
+        "required": list(WAKE),
+        "properties": {
+            **WAKE,
+            "done": {"type": "boolean", "default": False, "description": "Nothing more to do for this wake."},
+            "acks": {
+                "type": "array",
+                "maxItems": 10000,
+                "items": {
+                    "type": "object",
+                    "required": ["stream", "offset"],
+                    "properties": {"stream": {"type": "string"}, "offset": {"type": "string"}},
+                },
+            },
+        },
+    },
+    "AckResult": {
+        "type": "object",
+        "required": ["ok", "next_wake"],
+        "properties": {"ok": {"type": "boolean", "enum": [True]}, "next_wake": {"type": "boolean"}},
+    },
+    "Release": {"type": "object", "required": list(WAKE), "properties": WAKE},
+    "Claim": {
+        "type": "object",
+        "required": ["worker"],
+        "properties": {"worker": {"type": "string", "minLength": 1, "maxLength": 256}},
+    },
+    "ClaimResult": {
+        "type": "object",
+        "required": ["wake_id", "generation", "token", "streams", "lease_ttl_ms"],
+        "properties": {
+            **WAKE,
+            "token": {"type": "string", "description": "The bearer for ack and release."},
+            "lease_ttl_ms": {"type": "integer"},
+            "streams": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": [*LINKED, "tail_offset", "has_pending"],
+                    "properties": {
+                        **LINKED,
+                        "tail_offset": {"type": "string"},
+                        "has_pending": {"type": "boolean"},
+                    },
+                },
+            },
+        },
+    },
+    "JwkSet": {
+        "type": "object",
+        "required": ["keys"],
+        "properties": {
+            "keys": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["kty", "crv", "alg", "use", "kid", "x"],
+                    "properties": {
+                        "kty": {"type": "string", "enum": ["OKP"]},
+                        "crv": {"type": "string", "enum": ["Ed25519"]},
+                        "alg": {"type": "string", "enum": ["EdDSA"]},
+                        "use": {"type": "string", "enum": ["sig"]},
+                        "kid": {"type": "string"},
+                        "x": {"type": "string"},
+                    },
+                },
+            }
+        },
+    },
+}
+
 DESCRIPTION = """\
 The Durable Streams protocol over HTTP, as ds-gateway serves it (prose: docs/http.md).
 Every response carries X-Request-Id, X-Content-Type-Options and Cross-Origin-Resource-Policy,
@@ -595,8 +1021,10 @@ def build_document(settings: Settings) -> Doc:
     """The document for a gateway with these settings (the console's paths only when it is on)."""
     ok_json = {"application/json": {"schema": {"type": "object"}}}
     paths: Doc = {
-        STREAM_PATH: stream_operations(),
+        # The __ds control routes first: the generic stream path would match them too.
+        **subscription_paths(),
         RESERVED_PATH: reserved_operations(),
+        STREAM_PATH: stream_operations(),
         "/healthz": plain_get(
             "healthz", "The process is alive", {"200": response("Alive.", content=ok_json)}
         ),
@@ -628,9 +1056,15 @@ def build_document(settings: Settings) -> Doc:
         "components": {
             "parameters": {"name": NAME},
             "headers": HEADERS,
-            "schemas": SCHEMAS,
+            "schemas": SCHEMAS | SUB_SCHEMAS,
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT or API key"}
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT or API key"},
+                "callbackToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A wake's own token: callback_token of the webhook body, or token of "
+                    "the claim.",
+                },
             },
         },
     }

@@ -5,8 +5,11 @@ derandomized so that a run takes seconds and is the same every time."""
 
 from __future__ import annotations
 
+import copy
 import re
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -14,6 +17,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_headers_conformance,
@@ -23,9 +27,10 @@ from schemathesis.specs.openapi.checks import (
 from starlette.routing import Route
 
 from gateway.app import create_app
-from gateway.openapi import OPENAPI_PATH, RESERVED_PATH, STREAM_PATH, build_document
-from gateway.routes import ALLOW
+from gateway.openapi import DS_PREFIX, JWKS_PATH, OPENAPI_PATH, PROBLEM, STREAM_PATH, SUB_PATH, build_document
+from gateway.routes import ALLOW, STREAM_PREFIX
 from gateway.settings import Settings
+from gateway.subscriptions.api import ACTIONS
 from tests.conftest import GatewayProcess, start_gateway
 
 CHECKS = [
@@ -42,6 +47,10 @@ EXISTING = {
     "openapi/text": ("text/plain", b"hello"),
     "openapi/bytes": ("application/octet-stream", b"\x00\x01\x02"),
 }
+# A pull-wake subscription that generated requests are pointed at half the
+# time, so that GET, claim and the others answer more than 404.
+SUBSCRIPTION = "openapi-sub"
+SUBSCRIPTION_CONFIG = {"type": "pull-wake", "streams": ["chat/room-1"], "wake_stream": "openapi/wakes"}
 EXAMPLES_PER_OPERATION = 25
 
 
@@ -80,8 +89,11 @@ def test_every_served_path_and_method_is_described(console: bool) -> None:
     assert routes <= described, f"served but not described: {sorted(routes - described)}"
     # The stream handlers (gateway/routes.py) take exactly the methods they announce in Allow.
     assert set(paths[STREAM_PATH]) == {m.strip().lower() for m in ALLOW.split(",")}
-    # Nothing described that is not served (the stream and reserved paths are the lean handlers).
-    described_elsewhere = {(p, m) for p, m in described if p not in (STREAM_PATH, RESERVED_PATH)}
+    # Every subscription route (gateway/subscriptions/api.py) has its own path.
+    assert {SUB_PATH, SUB_PATH + "/streams", SUB_PATH + "/streams/{path}"} <= set(paths)
+    assert {SUB_PATH + "/" + action for action in ACTIONS} <= set(paths)
+    # Nothing described that is not served (paths under /v1/stream/ are the lean handlers).
+    described_elsewhere = {(p, m) for p, m in described if not p.startswith(STREAM_PREFIX)}
     assert described_elsewhere == routes
     assert any(p.startswith("/console") for p, _ in routes) == console
 
@@ -103,40 +115,157 @@ def reset_existing(http: httpx.Client, base: str) -> None:
         http.delete(f"{base}/v1/stream/{name}")
         response = http.put(f"{base}/v1/stream/{name}", headers={"content-type": content_type}, content=body)
         assert response.status_code == 201, response.text
+    sub = f"{base}/v1/stream/__ds/subscriptions/{SUBSCRIPTION}"
+    assert http.delete(sub).status_code == 204
+    response = http.put(sub, json=SUBSCRIPTION_CONFIG)
+    assert response.status_code == 201, response.text
 
 
-def test_real_responses_conform_to_the_document(api_gateway: GatewayProcess, http: httpx.Client) -> None:
-    schema = schemathesis.openapi.from_url(api_gateway.url + OPENAPI_PATH)
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 15
+def describe(operation: str, exc: BaseException) -> str:
+    """One failing operation: Schemathesis's report (every distinct failure,
+    the response, a curl command) and Hypothesis's falsifying example."""
+    return "\n".join([f"{operation}: {type(exc).__name__}", str(exc), *getattr(exc, "__notes__", [])])
+
+
+def nonconforming(operations: list, base: str, http: httpx.Client, examples: int) -> list[str]:  # type: ignore[type-arg]
+    """Schemathesis's checks on real responses to each operation; a report per
+    operation that failed (all of them: one failing does not stop the others)."""
     failures: list[str] = []
     for operation in operations:
-        reset_existing(http, api_gateway.url)
-        existing = st.sampled_from([None, *EXISTING])
+        reset_existing(http, base)
 
         @settings(
-            max_examples=EXAMPLES_PER_OPERATION,
+            max_examples=examples,
             derandomize=True,
             deadline=None,
             database=None,
             phases=[Phase.explicit, Phase.generate],
             suppress_health_check=list(HealthCheck),
         )
-        @given(case=operation.as_strategy(), name=existing)
-        def check(case, name):  # type: ignore[no-untyped-def]
-            if name is not None and "name" in (case.path_parameters or {}):
-                case.path_parameters["name"] = name
+        @given(
+            case=operation.as_strategy(),
+            name=st.sampled_from([None, *EXISTING]),
+            sub=st.sampled_from([None, SUBSCRIPTION]),
+        )
+        def check(case, name, sub):  # type: ignore[no-untyped-def]
+            params = case.path_parameters or {}
+            if name is not None:
+                if "name" in params:
+                    params["name"] = name
+                if case.operation.path.endswith("/streams/{path}"):  # a stream's path, not __ds/{path}
+                    params["path"] = name
+            if sub is not None and "id" in params:
+                params["id"] = sub
             # The HTTP client folds `.` and `..` path segments before sending
             # (RFC 3986), so such a request would go to another URL.
-            for value in (case.path_parameters or {}).values():
+            for value in params.values():
                 assume(not any(seg in (".", "..") for seg in str(value).split("/")))
-            case.call_and_validate(base_url=api_gateway.url, checks=CHECKS, timeout=10)
+            case.call_and_validate(base_url=base, checks=CHECKS, timeout=10)
 
         try:
             check()
-        except Exception as exc:  # collect every operation's failure, then report all
-            failures.append(f"{operation.label}: {exc}")
-    assert not failures, "\n\n".join(failures)
+        # Schemathesis raises its check failures as a FailureGroup (even a single
+        # one), a BaseExceptionGroup that `except Exception` does not catch.
+        except (Exception, FailureGroup) as exc:
+            failures.append(describe(operation.label, exc))
+    return failures
+
+
+def test_real_responses_conform_to_the_document(api_gateway: GatewayProcess, http: httpx.Client) -> None:
+    schema = schemathesis.openapi.from_url(api_gateway.url + OPENAPI_PATH)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    # Every __ds operation is among them (they come before the generic stream path).
+    labels = {op.label.split(" ", 1)[1] for op in operations}
+    assert {p for p in build_document(Settings())["paths"] if p.startswith(DS_PREFIX)} <= labels
+    failures = nonconforming(operations, api_gateway.url, http, EXAMPLES_PER_OPERATION)
+    assert not failures, f"{len(failures)} of {len(operations)} operations failed:\n\n" + "\n\n".join(
+        failures
+    )
+
+
+def test_every_nonconforming_operation_is_reported(api_gateway: GatewayProcess, http: httpx.Client) -> None:
+    """Two operations the document gets wrong, between two it gets right: both
+    wrong ones are reported, with Schemathesis's report of each."""
+    document = copy.deepcopy(build_document(Settings()))
+    jwks_ok = document["paths"][JWKS_PATH]["get"]["responses"]["200"]
+    jwks_ok["content"] = {"application/json": jwks_ok["content"]["application/jwk-set+json"]}
+    document["paths"][SUB_PATH]["get"]["responses"]["404"]["content"] = PROBLEM
+    wanted = [
+        f"GET {JWKS_PATH}",
+        "GET /healthz",
+        f"GET {SUB_PATH}",
+        f"DELETE {SUB_PATH}",
+    ]
+    by_label = {
+        op.label: op for op in (r.ok() for r in schemathesis.openapi.from_dict(document).get_all_operations())
+    }
+    failures = nonconforming([by_label[label] for label in wanted], api_gateway.url, http, 5)
+    assert [f.split(":", 1)[0] for f in failures] == [f"GET {JWKS_PATH}", f"GET {SUB_PATH}"]
+    assert "application/jwk-set+json" in failures[0]
+    assert "application/problem+json" in failures[1]
+
+
+def test_pull_wake_round_trip_conforms(api_gateway: GatewayProcess, http: httpx.Client) -> None:
+    """The answers generated requests rarely reach (a claim that succeeds, acks
+    and a release under its token, FENCED, ALREADY_CLAIMED, INVALID_OFFSET,
+    SUBSCRIPTION_ALREADY_EXISTS), each checked against the document."""
+    schema = schemathesis.openapi.from_dict(build_document(Settings()))
+    base = api_gateway.url + "/v1/stream"
+    sub_url = f"{base}/__ds/subscriptions/openapi-flow"
+
+    def checked(
+        path: str, method: str, response: httpx.Response, status: int, code: str | None = None
+    ) -> Any:
+        assert response.status_code == status, response.text
+        schema[path][method].validate_response(response)
+        if code is not None:
+            assert response.json()["error"]["code"] == code
+        return response.json() if response.content else None
+
+    for name in ("openapi/work", "openapi/flow-wakes"):
+        http.delete(f"{base}/{name}")
+        assert http.put(f"{base}/{name}", headers={"content-type": "application/json"}).status_code == 201
+    http.delete(sub_url)
+    config = {"type": "pull-wake", "streams": ["openapi/work"], "wake_stream": "openapi/flow-wakes"}
+    checked(SUB_PATH, "PUT", http.put(sub_url, json=config), 201)
+    checked(SUB_PATH, "PUT", http.put(sub_url, json=config), 200)
+    other = http.put(sub_url, json={**config, "lease_ttl_ms": 5000})
+    checked(SUB_PATH, "PUT", other, 409, "SUBSCRIPTION_ALREADY_EXISTS")
+    appended = http.post(f"{base}/openapi/work", headers={"content-type": "application/json"}, content=b"{}")
+    tail = appended.headers["stream-next-offset"]
+
+    deadline = time.monotonic() + 10
+    while True:  # the append's wake is issued asynchronously
+        claim = http.post(f"{sub_url}/claim", json={"worker": "w1"})
+        if claim.status_code != 409 or time.monotonic() > deadline:
+            break
+        checked(f"{SUB_PATH}/claim", "POST", claim, 409, "NO_PENDING_WORK")
+        time.sleep(0.05)
+    claimed = checked(f"{SUB_PATH}/claim", "POST", claim, 200)
+    busy = checked(f"{SUB_PATH}/claim", "POST", http.post(f"{sub_url}/claim", json={"worker": "w2"}), 409)
+    assert busy["error"]["code"] == "ALREADY_CLAIMED" and busy["error"]["current_holder"] == "w1"
+
+    bearer = {"authorization": f"Bearer {claimed['token']}"}
+    wake = {"generation": claimed["generation"], "wake_id": claimed["wake_id"]}
+    beyond = {**wake, "acks": [{"stream": "openapi/work", "offset": "9" * 16 + "_" + "9" * 16}]}
+    checked(
+        f"{SUB_PATH}/ack",
+        "POST",
+        http.post(f"{sub_url}/ack", json=beyond, headers=bearer),
+        409,
+        "INVALID_OFFSET",
+    )
+    acked = http.post(
+        f"{sub_url}/ack", json={**wake, "acks": [{"stream": "openapi/work", "offset": tail}]}, headers=bearer
+    )
+    assert checked(f"{SUB_PATH}/ack", "POST", acked, 200)["ok"] is True
+    checked(f"{SUB_PATH}/release", "POST", http.post(f"{sub_url}/release", json=wake, headers=bearer), 204)
+    stale = http.post(f"{sub_url}/release", json=wake, headers=bearer)
+    checked(f"{SUB_PATH}/release", "POST", stale, 409, "FENCED")
+    forged = http.post(f"{sub_url}/callback", json=wake, headers={"authorization": "Bearer x.y.z"})
+    checked(f"{SUB_PATH}/callback", "POST", forged, 401, "TOKEN_INVALID")
+    checked(SUB_PATH, "GET", http.get(sub_url), 200)
+    checked(SUB_PATH, "DELETE", http.delete(sub_url), 204)
 
 
 # --- tiered history (issue 11): Stream-Hot-Offset, Stream-Earliest-Offset, GET's 410 and 503 ----
