@@ -326,8 +326,8 @@ def _superseded_before(k: StoredKey, keyset: list[StoredKey], cutoff: int) -> bo
 def verify_signature_header(
     header: str, body: bytes, jwks: dict[str, Any], now: int, tolerance_s: int = 300
 ) -> bool:
-    """What a receiver does (README, "Verifying a webhook"): pick the key by
-    kid, check the timestamp is within the replay window, verify Ed25519."""
+    """What a receiver does (docs/subscriptions.md, "Webhooks: signatures"): pick
+    the key by kid, check the timestamp is within the replay window, verify Ed25519."""
     match = SIGNATURE_HEADER.match(header or "")
     if not match:
         return False

@@ -195,11 +195,11 @@ async def test_key_holder_reloads_after_its_interval(redis: fakeredis.FakeAsyncR
 
 
 async def test_the_readme_receiver_snippet_verifies_a_signature(redis: fakeredis.FakeAsyncRedis) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### Webhooks: signatures") :]
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "subscriptions.md").read_text()
+    section = doc[doc.index("## Webhooks: signatures") :]
     snippet = section[section.index("```python\n") + len("```python\n") : section.index("```\n", 10)]
     namespace: dict[str, object] = {}
-    exec(compile(snippet, "README.md", "exec"), namespace)
+    exec(compile(snippet, "docs/subscriptions.md", "exec"), namespace)
     verify = namespace["verify"]
 
     keys = await load_keys(redis)
