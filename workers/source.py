@@ -23,7 +23,7 @@ source sequence is above that, or outbox rows at or below the stream's last
 published commit_seq, mean the numbers were reused: the worker stops
 publishing that stream and keeps its rows, logs an ERROR, counts it in
 dsgw_source_sequence_conflicts_total and reports it in /healthz until an
-operator runs dsgw_source_resync (README, "Postgres").
+operator runs dsgw_source_resync (docs/postgres.md, "Postgres → Stream").
 
 Only one source worker is active at a time (a Postgres advisory lock); others
 wait as standbys, so commit order stays stream order.
