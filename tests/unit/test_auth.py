@@ -321,7 +321,7 @@ def test_make_run_summary_says_how_to_turn_auth_on(
 def test_check_config_never_prints_the_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import asyncio
 
-    from gateway.cli import masked
+    from gateway.cli_support import masked
     from gateway.configcheck import check
 
     monkeypatch.setenv("DSGW_AUTH_JWT_SECRET", SECRET)
