@@ -2,7 +2,10 @@
 deploy/postgres-roles.sql, used for real: a Redis started with that ACL file
 and a Postgres with those roles, a gateway and both workers each on its own
 user, doing everything they do (create, append, read live, fork, delete, rate
-limits, sink rows, source changes), and refused what they must not do."""
+limits, sink rows, source changes, subscriptions, tiered history, shard stats,
+the admin tools), and refused what they must not do. Redis's ACL LOG must stay
+empty: a denied command the code swallows (a pipeline with raise_on_error=False,
+a retried sweep) is as wrong as one that fails a request."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import pytest
 import redis
 
 from gateway.embedded import find_redis_server, free_port, start_postgres, stop_child, wait_for_port
+from gateway.keys import SHARD_STATS, SHARDS, shard_of, stream_keys
 from tests.conftest import ROOT, reachable_tmp_dir, start_gateway, start_worker
 
 ACL_EXAMPLE = ROOT / "deploy" / "redis-acl.example"
@@ -99,7 +103,7 @@ def roles_postgres() -> Iterator[RolesPostgres]:
     # Its own Postgres: a source worker takes every outbox row of its database.
     base = reachable_tmp_dir("dsgw-test-roles-")
     server = start_postgres(base / "pg", durable=False, log_file=base / "postgres.log")
-    passwords = {role: uuid.uuid4().hex for role in ("owner", "sink", "source")}
+    passwords = {role: uuid.uuid4().hex for role in ("owner", "sink", "source", "gateway")}
     sql = ROLES_SQL.read_text()
     for role, password in passwords.items():
         assert f"'change-me-{role}'" in sql
@@ -116,9 +120,32 @@ def _no_permission_errors(*logs: Path) -> None:
         assert "NOPERM" not in text and "permission denied" not in text, text[-3000:]
 
 
+def _admin(acl_redis: AclRedis) -> redis.Redis:
+    return redis.Redis.from_url(acl_redis.url("admin"))
+
+
+def _no_acl_denials(acl_redis: AclRedis) -> None:
+    """Nothing any user ran was refused (what Redis recorded in ACL LOG), then
+    start afresh for the next test."""
+    admin = _admin(acl_redis)
+    try:
+        denied = [
+            {k: entry[k] for k in ("username", "reason", "context", "object")}
+            for entry in admin.acl_log(count=128)
+            # redis-py opens each connection with CLIENT SETINFO and ignores a refusal:
+            # not granted, since Redis 6.2 has no such subcommand (6.2 logs just "client").
+            if entry["object"] not in ("client", "client|setinfo")
+        ]
+        assert denied == [], denied
+    finally:
+        admin.acl_log_reset()
+        admin.close()
+
+
 def test_gateway_and_workers_run_on_least_privilege_credentials(
     acl_redis: AclRedis, roles_postgres: RolesPostgres, tmp_path: Path
 ) -> None:
+    _admin(acl_redis).acl_log_reset()
     gw = start_gateway(
         acl_redis.url("gateway"),
         tmp_path,
@@ -198,6 +225,7 @@ def test_gateway_and_workers_run_on_least_privilege_credentials(
         sink.stop()
         source.stop()
     _no_permission_errors(gw.log_path, sink.log_path, source.log_path)
+    _no_acl_denials(acl_redis)
 
 
 async def _make_app_table(pg: RolesPostgres, table: str) -> None:
@@ -224,6 +252,104 @@ async def _app_insert(pg: RolesPostgres, table: str) -> None:
         await app.close()
 
 
+def test_subscriptions_tiering_and_admin_tools_on_least_privilege_credentials(
+    acl_redis: AclRedis, roles_postgres: RolesPostgres, tmp_path: Path
+) -> None:
+    """A pull-wake subscription woken, claimed and acked through the gateway user;
+    a tiered stream the sink trims on its own user, read back from -1 by a
+    gateway whose history role reads the cold part; shard stats collected; then
+    the admin tools (rotate-keys, reshard) on the admin user."""
+    admin = _admin(acl_redis)
+    admin.acl_log_reset()
+    gw = start_gateway(
+        acl_redis.url("gateway"),
+        tmp_path,
+        DSGW_HISTORY_DATABASE_URL=roles_postgres.url("gateway"),
+        DSGW_RETAIN_MESSAGES="1000000",  # every stream it creates is tiered; the limit is the sink's
+        DSGW_SHARD_STATS_S="1",
+        DSGW_SUBSCRIPTIONS_POLL_MS="100",
+    )
+    sink = start_worker("sink", acl_redis.url("sink"), roles_postgres.url("sink"), tmp_path,
+                        DSGW_SINK_BLOCK_MS="200", DSGW_RETAIN_MESSAGES="2", DSGW_TRIM_SWEEP_MS="200")  # fmt: skip
+    unique = uuid.uuid4().hex[:8]
+    work, wakes = f"acl-sub/{unique}/work", f"acl-sub/{unique}/wakes"
+    sub_url = f"{gw.url}/v1/stream/__ds/subscriptions/acl-{unique}"
+    try:
+        with httpx.Client(timeout=20) as http:
+            for name in (work, wakes):
+                assert http.put(gw.stream_url(name), headers=JSON).status_code == 201
+            config = {"type": "pull-wake", "streams": [work], "wake_stream": wakes}
+            assert http.put(sub_url, json=config).status_code == 201, http.put(sub_url, json=config).text
+            values = list(range(5))
+            for value in values:
+                appended = http.post(gw.stream_url(work), content=str(value).encode(), headers=JSON)
+                assert appended.status_code == 204, appended.text
+            tail = appended.headers["stream-next-offset"]
+
+            # Subscription: the appends' wake reaches the wake stream; claim, ack, release.
+            deadline = time.monotonic() + 20
+            while not http.get(gw.stream_url(wakes), params={"offset": "-1"}).json():
+                assert time.monotonic() < deadline, gw.log_path.read_text()[-3000:]
+                time.sleep(0.1)
+            claim = http.post(f"{sub_url}/claim", json={"worker": "w1"})
+            assert claim.status_code == 200, claim.text
+            claimed = claim.json()
+            bearer = {"authorization": f"Bearer {claimed['token']}"}
+            wake = {"generation": claimed["generation"], "wake_id": claimed["wake_id"]}
+            acked = http.post(
+                f"{sub_url}/ack", json={**wake, "acks": [{"stream": work, "offset": tail}]}, headers=bearer
+            )
+            assert acked.status_code == 200 and acked.json()["ok"] is True, acked.text
+            assert http.post(f"{sub_url}/release", json=wake, headers=bearer).status_code == 204
+
+            # Tiering: the sink committed the stream to stream_history and trimmed
+            # Redis to 2 messages on its own user; the gateway reads the rest cold.
+            keys = stream_keys(work)
+            deadline = time.monotonic() + 30
+            while not (admin.hget(keys.meta, "trim") and admin.xlen(keys.data) <= 2):
+                assert time.monotonic() < deadline, sink.log_path.read_text()[-3000:]
+                time.sleep(0.2)
+            read: list[int] = []
+            offset = "-1"
+            while True:  # the cold part comes in its own responses: follow the offsets
+                got = http.get(gw.stream_url(work), params={"offset": offset})
+                assert got.status_code == 200, got.text
+                read += got.json()
+                offset = got.headers["stream-next-offset"]
+                if "stream-up-to-date" in got.headers or len(read) >= len(values):
+                    break
+            assert read == values
+
+            # Shard stats: measured under the lease, reported in /metrics.
+            deadline = time.monotonic() + 20
+            line = f'dsgw_redis_shard_keys{{shard="{shard_of(work)}"}}'
+            while admin.hlen(SHARD_STATS) != SHARDS or line not in http.get(f"{gw.url}/metrics").text:
+                assert time.monotonic() < deadline, gw.log_path.read_text()[-3000:]
+                time.sleep(0.2)
+            assert http.delete(sub_url).status_code == 204
+    finally:
+        gw.stop()
+        sink.stop()
+    _no_permission_errors(gw.log_path, sink.log_path)
+
+    # The admin tools, on the admin user (reshard is offline: after every process stopped).
+    def dsgw(*args: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", *args],
+            cwd=ROOT,
+            env={**os.environ, "REDIS_URL": acl_redis.url("admin")},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    dsgw("rotate-keys", "signing")
+    dsgw("reshard", "--to", "16")
+    _no_acl_denials(acl_redis)
+    admin.close()
+
+
 def test_each_redis_user_is_refused_what_it_does_not_need(acl_redis: AclRedis) -> None:
     def refused(user: str, *command: str) -> bool:
         client = redis.Redis.from_url(acl_redis.url(user))
@@ -239,7 +365,22 @@ def test_each_redis_user_is_refused_what_it_does_not_need(acl_redis: AclRedis) -
     assert refused("gateway", "CONFIG", "GET", "dir")
     assert refused("gateway", "GET", "someone-elses-key")
     assert refused("gateway", "KEYS", "*")
-    assert refused("sink", "HGETALL", "ds:{s00}:x:meta")  # streams are not the sink's business
+    # The sink trims tiered streams (meta and data only), nothing else of a stream.
+    assert refused("sink", "HGETALL", "ds:{s00}:x:prod")
+    assert refused("sink", "DEL", "ds:{s00}:x:meta")
+    assert refused("sink", "XADD", "ds:{s00}:x:data", "*", "f", "v")
+    # Subscriptions are the gateway's: the sink cannot touch them, nor the source.
+    assert refused("sink", "HGETALL", "dssub:{abc}:def")
+    assert refused("sink", "ZADD", "dswake:{s00}", "1", "x")
+    assert refused("sink", "GET", "dskeys:webhook-signing")
+    assert refused("source", "GET", "dskeys:webhook-signing")
+    assert refused("source", "SMEMBERS", "dssubs:all")
+    # Only the admin moves keys between layouts (reshard) or lists clients.
+    assert refused("gateway", "DUMP", "ds:{s00}:x:data")
+    assert refused("gateway", "RESTORE", "ds:{s00}:x:data", "0", "x")
+    assert refused("gateway", "CLIENT", "LIST")
+    assert refused("gateway", "FLUSHDB")
+    assert refused("gateway", "XTRIM", "ds:{s00}:x:data", "MAXLEN", "0")  # trimming is the sink's
     assert refused("sink", "PUBLISH", "ds:x", "y")
     assert refused("sink", "SUBSCRIBE", "ds:x")
     assert refused("source", "GET", "dsrl:{abc}:appends")
