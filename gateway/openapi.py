@@ -238,7 +238,15 @@ def stream_operations() -> Doc:
     sse_or_data = {
         "application/json": {"schema": {"type": "array", "description": "A JSON stream's messages."}},
         "text/event-stream": {
-            "schema": {"type": "string"},
+            # The schema of one event (as OpenAPI tools read an SSE body: event by event).
+            "schema": {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"type": "string", "enum": ["data", "control"]},
+                    "data": {"type": "string"},
+                },
+            },
             "description": "live=sse: `event: data` (a JSON array, text, or base64) and `event: control` "
             "(JSON: streamNextOffset, streamCursor, upToDate, streamClosed) events.",
         },
@@ -655,6 +663,39 @@ def subscription_paths() -> Doc:
     }
 
 
+def subscription_webhooks() -> Doc:
+    """What the gateway POSTs to a webhook subscription's URL (gateway/subscriptions/core.py)."""
+    return {
+        "subscriptionWake": {
+            "post": {
+                "operationId": "subscriptionWake",
+                "summary": "A wake: linked streams have data past their acked offsets",
+                "description": "Verify Webhook-Signature with the key of its kid from jwks.json; answer 2xx "
+                'and, when done, either `{"done": true}` (acks the listed streams at their tails) or a '
+                "POST to callback_url. Anything else is retried with backoff.",
+                "parameters": [
+                    _param(
+                        "Webhook-Signature",
+                        "header",
+                        '`t=<unix seconds>,kid=<kid>,ed25519=<base64url signature of "<t>.<body>">`.',
+                        required=True,
+                    )
+                ],
+                "requestBody": json_body("WebhookWake", "The wake."),
+                "responses": {
+                    "2XX": {
+                        "description": 'Received; `{"done": true}` ends the wake at once.',
+                        "content": json_content(
+                            {"type": "object", "properties": {"done": {"type": "boolean"}}}
+                        ),
+                    },
+                    "default": {"description": "Not received: the wake is delivered again later."},
+                },
+            }
+        }
+    }
+
+
 def reserved_operations() -> Doc:
     # Anything under `__ds/` that is not one of the subscription routes.
     other = {"type": "string", "minLength": 1, "pattern": "^(?!subscriptions/[^/]|jwks\\.json$)"}
@@ -971,18 +1012,45 @@ SUB_SCHEMAS: Doc = {
             **WAKE,
             "token": {"type": "string", "description": "The bearer for ack and release."},
             "lease_ttl_ms": {"type": "integer"},
+            "streams": {"type": "array", "items": {"$ref": "#/components/schemas/PendingStream"}},
+        },
+    },
+    "PendingStream": {
+        "type": "object",
+        "required": [*LINKED, "tail_offset", "has_pending"],
+        "properties": {**LINKED, "tail_offset": {"type": "string"}, "has_pending": {"type": "boolean"}},
+    },
+    "WebhookWake": {
+        "type": "object",
+        "required": [*WAKE, "subscription_id", "streams", "callback_url", "callback_token"],
+        "properties": {
+            "subscription_id": {"type": "string"},
+            **WAKE,
             "streams": {
                 "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": [*LINKED, "tail_offset", "has_pending"],
-                    "properties": {
-                        **LINKED,
-                        "tail_offset": {"type": "string"},
-                        "has_pending": {"type": "boolean"},
-                    },
-                },
+                "description": "The linked streams with pending work (as many as fit in "
+                "DSGW_WEBHOOK_MAX_PAYLOAD_BYTES).",
+                "items": {"$ref": "#/components/schemas/PendingStream"},
             },
+            "has_more": {
+                "type": "boolean",
+                "enum": [True],
+                "description": "Present when pending streams were left out; they come in the next wake.",
+            },
+            "callback_url": {"type": "string"},
+            "callback_token": {"type": "string", "description": "The bearer for callback_url."},
+        },
+    },
+    "WakeEvent": {
+        "type": "object",
+        "description": "What a pull-wake subscription appends to its wake_stream.",
+        "required": ["type", "subscription_id", "stream", "generation", "ts"],
+        "properties": {
+            "type": {"type": "string", "enum": ["wake"]},
+            "subscription_id": {"type": "string"},
+            "stream": {"type": "string", "description": "The stream whose append woke it."},
+            "generation": {"type": "integer"},
+            "ts": {"type": "integer", "description": "Unix milliseconds."},
         },
     },
     "JwkSet": {
@@ -1053,6 +1121,7 @@ def build_document(settings: Settings) -> Doc:
         "openapi": "3.1.0",
         "info": {"title": "ds-gateway", "version": __version__, "description": DESCRIPTION},
         "paths": paths,
+        "webhooks": subscription_webhooks(),
         "components": {
             "parameters": {"name": NAME},
             "headers": HEADERS,

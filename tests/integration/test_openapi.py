@@ -6,6 +6,7 @@ derandomized so that a run takes seconds and is the same every time."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -27,7 +28,16 @@ from schemathesis.specs.openapi.checks import (
 from starlette.routing import Route
 
 from gateway.app import create_app
-from gateway.openapi import DS_PREFIX, JWKS_PATH, OPENAPI_PATH, PROBLEM, STREAM_PATH, SUB_PATH, build_document
+from gateway.openapi import (
+    DS_PREFIX,
+    JWKS_PATH,
+    OPENAPI_PATH,
+    PROBLEM,
+    RESERVED_PATH,
+    STREAM_PATH,
+    SUB_PATH,
+    build_document,
+)
 from gateway.routes import ALLOW, STREAM_PREFIX
 from gateway.settings import Settings
 from gateway.subscriptions.api import ACTIONS
@@ -52,6 +62,8 @@ EXISTING = {
 SUBSCRIPTION = "openapi-sub"
 SUBSCRIPTION_CONFIG = {"type": "pull-wake", "streams": ["chat/room-1"], "wake_stream": "openapi/wakes"}
 EXAMPLES_PER_OPERATION = 25
+# The reserved catch-all only ever answers 404: a few examples of each method do.
+RESERVED_EXAMPLES = 5
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +74,7 @@ def api_gateway(redis_server, tmp_path_factory: pytest.TempPathFactory) -> Itera
         tmp_path_factory.mktemp("gw-openapi"),
         DSGW_LONG_POLL_TIMEOUT_MS="200",
         DSGW_SSE_MAX_LIFETIME_MS="300",
+        DSGW_WEBHOOK_ALLOW_PRIVATE="loopback",  # the webhook receiver of a test is on 127.0.0.1
     )
     yield gw
     gw.stop()
@@ -135,7 +148,7 @@ def nonconforming(operations: list, base: str, http: httpx.Client, examples: int
         reset_existing(http, base)
 
         @settings(
-            max_examples=examples,
+            max_examples=min(examples, RESERVED_EXAMPLES) if operation.path == RESERVED_PATH else examples,
             derandomize=True,
             deadline=None,
             database=None,
@@ -205,6 +218,17 @@ def test_every_nonconforming_operation_is_reported(api_gateway: GatewayProcess, 
     assert "application/problem+json" in failures[1]
 
 
+def test_sse_events_conform(api_gateway: GatewayProcess, http: httpx.Client) -> None:
+    """An SSE body, data and control events, checked event by event against the
+    document (generated requests reach a complete SSE body only sometimes)."""
+    reset_existing(http, api_gateway.url)
+    operation = schemathesis.openapi.from_dict(build_document(Settings()))[STREAM_PATH]["GET"]
+    for name in EXISTING:
+        sse = http.get(f"{api_gateway.url}/v1/stream/{name}", params={"offset": "-1", "live": "sse"})
+        assert sse.status_code == 200 and "event: data" in sse.text and "event: control" in sse.text
+        operation.validate_response(sse)
+
+
 def test_pull_wake_round_trip_conforms(api_gateway: GatewayProcess, http: httpx.Client) -> None:
     """The answers generated requests rarely reach (a claim that succeeds, acks
     and a release under its token, FENCED, ALREADY_CLAIMED, INVALID_OFFSET,
@@ -231,16 +255,19 @@ def test_pull_wake_round_trip_conforms(api_gateway: GatewayProcess, http: httpx.
     checked(SUB_PATH, "PUT", http.put(sub_url, json=config), 200)
     other = http.put(sub_url, json={**config, "lease_ttl_ms": 5000})
     checked(SUB_PATH, "PUT", other, 409, "SUBSCRIPTION_ALREADY_EXISTS")
+    idle = http.post(f"{sub_url}/claim", json={"worker": "w1"})
+    checked(f"{SUB_PATH}/claim", "POST", idle, 409, "NO_PENDING_WORK")  # nothing appended yet
     appended = http.post(f"{base}/openapi/work", headers={"content-type": "application/json"}, content=b"{}")
     tail = appended.headers["stream-next-offset"]
 
+    # The append's wake reaches the wake stream asynchronously; claim it then.
     deadline = time.monotonic() + 10
-    while True:  # the append's wake is issued asynchronously
-        claim = http.post(f"{sub_url}/claim", json={"worker": "w1"})
-        if claim.status_code != 409 or time.monotonic() > deadline:
-            break
-        checked(f"{SUB_PATH}/claim", "POST", claim, 409, "NO_PENDING_WORK")
+    events: list[Any] = []
+    while not events and time.monotonic() < deadline:
+        events = http.get(f"{base}/openapi/flow-wakes", params={"offset": "-1"}).json()
         time.sleep(0.05)
+    assert events and all(conforms_to("WakeEvent", event) for event in events)
+    claim = http.post(f"{sub_url}/claim", json={"worker": "w1"})
     claimed = checked(f"{SUB_PATH}/claim", "POST", claim, 200)
     busy = checked(f"{SUB_PATH}/claim", "POST", http.post(f"{sub_url}/claim", json={"worker": "w2"}), 409)
     assert busy["error"]["code"] == "ALREADY_CLAIMED" and busy["error"]["current_holder"] == "w1"
@@ -266,6 +293,73 @@ def test_pull_wake_round_trip_conforms(api_gateway: GatewayProcess, http: httpx.
     checked(f"{SUB_PATH}/callback", "POST", forged, 401, "TOKEN_INVALID")
     checked(SUB_PATH, "GET", http.get(sub_url), 200)
     checked(SUB_PATH, "DELETE", http.delete(sub_url), 204)
+
+
+def conforms_to(name: str, value: Any) -> bool:
+    """`value` is valid for the document's schema `name` (refs resolved within the document)."""
+    from jsonschema import Draft202012Validator
+
+    document = build_document(Settings())
+    Draft202012Validator({"$ref": f"#/components/schemas/{name}", **document}).validate(value)
+    return True
+
+
+def test_webhook_wake_conforms(api_gateway: GatewayProcess, http: httpx.Client) -> None:
+    """A real webhook delivery is the document's WebhookWake with the Webhook-Signature
+    it describes, and the callback it invites answers as the document says."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[tuple[dict[str, Any], str]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["content-length"]))
+            received.append((json.loads(body), self.headers["webhook-signature"]))
+            self.send_response(200)  # accepted, not done: the callback ends the wake
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = api_gateway.url + "/v1/stream"
+    sub_url = f"{base}/__ds/subscriptions/openapi-hook"
+    schema = schemathesis.openapi.from_dict(build_document(Settings()))
+    try:
+        http.delete(f"{base}/openapi/hooked")
+        assert (
+            http.put(f"{base}/openapi/hooked", headers={"content-type": "application/json"}).status_code
+            == 201
+        )
+        http.delete(sub_url)
+        hook = {"url": f"http://127.0.0.1:{server.server_port}/hook"}
+        created = http.put(sub_url, json={"type": "webhook", "streams": ["openapi/hooked"], "webhook": hook})
+        assert created.status_code == 201
+        schema[SUB_PATH]["PUT"].validate_response(created)
+        assert created.json()["webhook"]["signing"]["alg"] == "ed25519"
+        http.post(f"{base}/openapi/hooked", headers={"content-type": "application/json"}, content=b"{}")
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert received, "no webhook delivery within 10 s"
+        wake, signature = received[0]
+        assert conforms_to("WebhookWake", wake)
+        assert re.fullmatch(r"t=[0-9]+,kid=[^,]+,ed25519=[A-Za-z0-9_-]+", signature)
+        acks = [{"stream": s["path"], "offset": s["tail_offset"]} for s in wake["streams"]]
+        done = {"generation": wake["generation"], "wake_id": wake["wake_id"], "done": True, "acks": acks}
+        answer = http.post(
+            wake["callback_url"], json=done, headers={"authorization": f"Bearer {wake['callback_token']}"}
+        )
+        assert answer.status_code == 200, answer.text
+        schema[f"{SUB_PATH}/callback"]["POST"].validate_response(answer)
+        assert http.delete(sub_url).status_code == 204
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # --- tiered history (issue 11): Stream-Hot-Offset, Stream-Earliest-Offset, GET's 410 and 503 ----
