@@ -19,7 +19,8 @@ from .offsets import ZERO_ID, EntryId, format_offset, parse_entry_id
 from .protocol import sse_needs_base64
 from .redis_client import RedisTarget
 from .settings import Settings
-from .store import Store, StreamMeta, parse_meta
+from .store import Store
+from .store_model import StreamMeta, parse_meta
 from .tiering.history import History
 
 

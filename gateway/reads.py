@@ -26,7 +26,7 @@ from .offsets import ZERO_ID, BadOffset, EntryId, format_offset, parse_entry_id,
 from .protocol import ProblemError, bad_request, next_cursor, sse_needs_base64
 from .ratelimit import live_slot
 from .sse_fanout import DirectWriter, Fanout, ParkedReader
-from .store import ReadResult
+from .store_model import ReadResult
 from .tiering.cold import retained_headers
 
 if TYPE_CHECKING:

@@ -28,7 +28,7 @@ from .protocol import (
 )
 from .ratelimit import request_guard
 from .reads import StreamReads
-from .store import ForkRequest, WriteOutcome
+from .store_model import ForkRequest, WriteOutcome
 
 if TYPE_CHECKING:
     from .app import Gateway

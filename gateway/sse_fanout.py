@@ -33,7 +33,7 @@ from starlette.types import Send
 from . import metrics
 from .live import Watch
 from .offsets import EntryId
-from .store import ReadResult
+from .store_model import ReadResult
 
 log = logging.getLogger("dsgw.sse")
 

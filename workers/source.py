@@ -47,7 +47,8 @@ from redis.exceptions import RedisError
 
 from gateway.keys import stream_keys
 from gateway.protocol import JSON_MEDIA_TYPE, ProblemError
-from gateway.store import Store, WriteOutcome
+from gateway.store import Store
+from gateway.store_model import WriteOutcome
 
 from .process import Backoff, Health
 from .settings import WorkerSettings

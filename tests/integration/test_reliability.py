@@ -384,7 +384,8 @@ async def test_a_fork_made_while_its_source_is_deleted_keeps_its_inherited_data(
     vanished fork's (and drop the source's data)."""
     from gateway.protocol import JSON_MEDIA_TYPE
     from gateway.redis_mux import RedisMux
-    from gateway.store import ForkRequest, Store
+    from gateway.store import Store
+    from gateway.store_model import ForkRequest
 
     mux = RedisMux(own_redis.url, timeout_s=5)
     store = Store(mux)

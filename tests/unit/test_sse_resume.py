@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from gateway.protocol import ProblemError
 from gateway.reads import StreamReads
 from gateway.settings import Settings
-from gateway.store import ReadResult, StreamMeta
+from gateway.store_model import ReadResult, StreamMeta
 
 META = StreamMeta("application/json", "application/json", True, tail=(9, 0), closed=False, gen="g")
 
