@@ -166,9 +166,7 @@ def stream_errors(*codes: int, body: bool = True) -> dict[str, Doc]:
             optional=("WWW-Authenticate", "Producer-Epoch"),
             body=body,
         ),
-        404: problem(
-            "No such stream (or it expired), a missing fork source, or the reserved `__ds` root.", body=body
-        ),
+        404: problem("No such stream (or it expired), or a missing fork source.", body=body),
         405: problem("A method stream URLs do not take.", ("Allow",), body=body),
         409: problem(
             "A conflict: PUT with other settings than the existing stream's, or on a soft-deleted one; "
@@ -1082,7 +1080,10 @@ Every response carries X-Request-Id, X-Content-Type-Options and Cross-Origin-Res
 plus CORS headers for allowed origins (DSGW_CORS_ORIGINS); OPTIONS on any path is a CORS
 preflight (204). With auth on (DSGW_AUTH_*), stream requests and the console's JSON endpoints need
 `Authorization: Bearer <token>` whose `ds` claim grants read (GET, HEAD), append (POST) or manage
-(PUT, DELETE) on the stream. Every GET outside /v1/stream/ also answers HEAD."""
+(PUT, DELETE) on the stream. Every GET outside /v1/stream/ also answers HEAD.
+Under /v1/stream/__ds/ the subscription API (PROTOCOL.md sections 6 and 7) answers its own errors as
+application/json `{"error": {"code", "message"}}`; a method a __ds route does not take is 405 (problem
+details, with Allow), and so are auth's 401 and 403."""
 
 
 def build_document(settings: Settings) -> Doc:
