@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -76,8 +77,25 @@ def api_gateway(redis_server, tmp_path_factory: pytest.TempPathFactory) -> Itera
         DSGW_SSE_MAX_LIFETIME_MS="300",
         DSGW_WEBHOOK_ALLOW_PRIVATE="loopback",  # the webhook receiver of a test is on 127.0.0.1
     )
+    before = subscription_ids(redis_server.url)
     yield gw
+    # Generated requests create subscriptions (some with broad patterns): the
+    # session's Redis outlives this module, so later tests must not inherit them.
+    with httpx.Client(timeout=10) as client:
+        for sub_id in subscription_ids(redis_server.url) - before:
+            client.delete(f"{gw.url}/v1/stream/__ds/subscriptions/{quote(sub_id, safe='')}")
+    left = subscription_ids(redis_server.url) - before
     gw.stop()
+    assert not left, f"subscriptions left behind: {sorted(left)[:5]}"
+
+
+def subscription_ids(redis_url: str) -> set[str]:
+    import redis
+
+    from gateway.keys import SUBSCRIPTIONS
+
+    with redis.Redis.from_url(redis_url) as r:
+        return {m.decode() for m in r.smembers(SUBSCRIPTIONS)}
 
 
 def served_routes(settings: Settings) -> set[tuple[str, str]]:
