@@ -26,7 +26,7 @@ import pytest
 import redis
 
 from gateway.embedded import find_redis_server, free_port, start_postgres, stop_child, wait_for_port
-from gateway.keys import SHARD_STATS, SHARDS, shard_of, stream_keys
+from gateway.keys import SHARD_STATS, SHARD_STATS_LEASE, SHARDS, shard_tag, stream_keys, trim_due_key
 from tests.conftest import ROOT, reachable_tmp_dir, start_gateway, start_worker
 
 ACL_EXAMPLE = ROOT / "deploy" / "redis-acl.example"
@@ -261,6 +261,7 @@ def test_subscriptions_tiering_and_admin_tools_on_least_privilege_credentials(
     the admin tools (rotate-keys, reshard) on the admin user."""
     admin = _admin(acl_redis)
     admin.acl_log_reset()
+    admin.delete(SHARD_STATS_LEASE)  # an earlier test's gateway measured for its (long) interval
     gw = start_gateway(
         acl_redis.url("gateway"),
         tmp_path,
@@ -270,16 +271,19 @@ def test_subscriptions_tiering_and_admin_tools_on_least_privilege_credentials(
         DSGW_SUBSCRIPTIONS_POLL_MS="100",
     )
     sink = start_worker("sink", acl_redis.url("sink"), roles_postgres.url("sink"), tmp_path,
-                        DSGW_SINK_BLOCK_MS="200", DSGW_RETAIN_MESSAGES="2", DSGW_TRIM_SWEEP_MS="200")  # fmt: skip
+                        DSGW_SINK_BLOCK_MS="200", DSGW_RETAIN_MESSAGES="2", DSGW_RETAIN_SECONDS="3600",
+                        DSGW_TRIM_SWEEP_MS="200")  # fmt: skip
     unique = uuid.uuid4().hex[:8]
-    work, wakes = f"acl-sub/{unique}/work", f"acl-sub/{unique}/wakes"
+    work, wakes = f"acl-sub/{unique}/work", f"acl-wakes/{unique}"
     sub_url = f"{gw.url}/v1/stream/__ds/subscriptions/acl-{unique}"
     try:
         with httpx.Client(timeout=20) as http:
-            for name in (work, wakes):
-                assert http.put(gw.stream_url(name), headers=JSON).status_code == 201
-            config = {"type": "pull-wake", "streams": [work], "wake_stream": wakes}
-            assert http.put(sub_url, json=config).status_code == 201, http.put(sub_url, json=config).text
+            assert http.put(gw.stream_url(wakes), headers=JSON).status_code == 201
+            # A pattern: the stream created next is linked by create.lua (the registry's patterns).
+            config = {"type": "pull-wake", "pattern": f"acl-sub/{unique}/*", "wake_stream": wakes}
+            created = http.put(sub_url, json=config)
+            assert created.status_code == 201, created.text
+            assert http.put(gw.stream_url(work), headers=JSON).status_code == 201
             values = list(range(5))
             for value in values:
                 appended = http.post(gw.stream_url(work), content=str(value).encode(), headers=JSON)
@@ -306,7 +310,10 @@ def test_subscriptions_tiering_and_admin_tools_on_least_privilege_credentials(
             # Redis to 2 messages on its own user; the gateway reads the rest cold.
             keys = stream_keys(work)
             deadline = time.monotonic() + 30
-            while not (admin.hget(keys.meta, "trim") and admin.xlen(keys.data) <= 2):
+            schedule = trim_due_key(keys.shard)  # the age limit schedules the oldest entry left
+            while not (
+                admin.hget(keys.meta, "trim") and admin.xlen(keys.data) <= 2 and admin.exists(schedule)
+            ):
                 assert time.monotonic() < deadline, sink.log_path.read_text()[-3000:]
                 time.sleep(0.2)
             read: list[int] = []
@@ -320,12 +327,18 @@ def test_subscriptions_tiering_and_admin_tools_on_least_privilege_credentials(
                     break
             assert read == values
 
-            # Shard stats: measured under the lease, reported in /metrics.
+            # Shard stats: measured under the lease (MEMORY USAGE of every key of the
+            # shard, the trim schedule included), reported in /metrics.
             deadline = time.monotonic() + 20
-            line = f'dsgw_redis_shard_keys{{shard="{shard_of(work)}"}}'
-            while admin.hlen(SHARD_STATS) != SHARDS or line not in http.get(f"{gw.url}/metrics").text:
-                assert time.monotonic() < deadline, gw.log_path.read_text()[-3000:]
+            while True:
+                counted = sum(1 for _ in admin.scan_iter(match=f"*{shard_tag(keys.shard)}*"))
+                line = f'dsgw_redis_shard_keys{{shard="{keys.shard}"}} {float(counted)}'
+                if admin.hlen(SHARD_STATS) == SHARDS and line in http.get(f"{gw.url}/metrics").text:
+                    break
+                shown = [m for m in http.get(f"{gw.url}/metrics").text.splitlines() if f'"{keys.shard}"' in m]
+                assert time.monotonic() < deadline, (line, shown, gw.log_path.read_text()[-2000:])
                 time.sleep(0.2)
+            assert http.delete(gw.stream_url(work)).status_code == 204  # unlinked from the subscription
             assert http.delete(sub_url).status_code == 204
     finally:
         gw.stop()
@@ -381,6 +394,7 @@ def test_each_redis_user_is_refused_what_it_does_not_need(acl_redis: AclRedis) -
     assert refused("gateway", "CLIENT", "LIST")
     assert refused("gateway", "FLUSHDB")
     assert refused("gateway", "XTRIM", "ds:{s00}:x:data", "MAXLEN", "0")  # trimming is the sink's
+    assert refused("source", "XTRIM", "ds:{s00}:x:data", "MAXLEN", "0")
     assert refused("sink", "PUBLISH", "ds:x", "y")
     assert refused("sink", "SUBSCRIBE", "ds:x")
     assert refused("source", "GET", "dsrl:{abc}:appends")
