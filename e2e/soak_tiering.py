@@ -89,8 +89,27 @@ async def append_steadily(
             async with locks[name]:  # a stream's messages in order
                 n = next_n[name]
                 body = json.dumps([{"n": n, "pad": pad}]).encode()
-                response = await client.post(f"{base}/v1/stream/{name}", headers=JSON, content=body)
-                if response.status_code == 204:
+                # An idempotent producer per stream: a POST whose answer was
+                # lost (a keep-alive connection closed under it) is sent again
+                # safely, and the gateway keeps exactly one copy.
+                headers = {
+                    **JSON,
+                    "producer-id": f"soak-{name}",
+                    "producer-epoch": "0",
+                    "producer-seq": str(n),
+                }
+                for attempt in range(5):
+                    try:
+                        response = await client.post(
+                            f"{base}/v1/stream/{name}", headers=headers, content=body
+                        )
+                        break
+                    except httpx.TransportError as exc:
+                        print(f"append to {name} (retrying, idempotent): {type(exc).__name__}", flush=True)
+                        await asyncio.sleep(0.2 * (attempt + 1))
+                else:
+                    raise RuntimeError(f"append to {name}: no answer after 5 attempts")
+                if response.status_code in (200, 204):
                     next_n[name] = n + 1
                     acked[name] = n + 1
                 else:
