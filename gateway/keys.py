@@ -31,6 +31,8 @@ Layout for the stream ``chat/room-1`` in shard 7 of the legacy layout::
     ds:{s07}:chat/room-1:subs    SET     ids of the subscriptions linked to this stream (outlives the stream)
     dswake:{s07}                 ZSET    streams of shard 7 with new data for their subscriptions -> when
                                          (ms); written by append/create only when :subs exists
+    ds:dswake:{s07}              channel published by append/create with each wake they queue in
+                                         dswake:{s07} (the dispatcher polls that queue at once)
 
 The shard of a name is crc32(name) mod DSGW_SHARDS; `dsgw info NAME` prints the keys.
 """
@@ -96,6 +98,13 @@ def fork_deadlines_key(shard: int, shards: int = SHARDS) -> str:
 def wake_queue_key(shard: int) -> str:
     """Streams of `shard` whose subscriptions must hear of new data (gateway/subscriptions/dispatch.py)."""
     return f"{WAKE_QUEUE_PREFIX}:{shard_tag(shard)}"
+
+
+def wake_channel(shard: int) -> str:
+    """Published with every wake queued in `shard`'s queue (on the queue's own slot,
+    so SPUBLISH reaches its node; `ds:` for the ACL's `&ds:*`). append.lua and
+    create.lua build it from the queue key they get: keep the two in step."""
+    return f"{PREFIX}:{wake_queue_key(shard)}"
 
 
 def trim_due_key(shard: int, shards: int = SHARDS) -> str:
@@ -234,6 +243,9 @@ SUBSCRIPTIONS = "dssubs:all"
 SUB_PATTERNS = "dssubs:patterns"
 SUB_PATTERNS_VERSION = "dssubs:patver"
 SUB_TIMERS = "dssubs:timers"
+# STRING (PX): the replica that holds it makes this interval's round over every
+# shard's wake queue (gateway/subscriptions/dispatch.py); the others skip it.
+SUB_FULL_POLL_LEASE = "dssubs:fullpoll"
 
 
 @dataclass(frozen=True, slots=True)

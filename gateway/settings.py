@@ -141,12 +141,13 @@ class Settings:
     # load balancer; empty: the listening address (a single process). Never taken
     # from Host or forwarded headers.
     public_url: str = ""
-    # The longest pause between two rounds of a replica over the shards' wake
-    # queues (one pipelined command per shard; 20 ms right after work, doubling
-    # while idle) and between two looks at the timers; and how often its
-    # recovery sweep looks at every subscription.
+    # The pause between two looks at the subscription timers; and how often a
+    # replica's recovery sweep looks at every subscription.
     subscriptions_poll_ms: int = 500
     subscriptions_sweep_s: int = 30
+    # A shard's wake queue is polled when its wake channel says so; every queue
+    # (one command per shard) only this often, for notifications that were lost.
+    subscriptions_full_poll_ms: int = 5000
     # The web console at /console (gateway/console.py); its data behind auth when auth is on.
     console: bool = True
     # Tiered history (gateway/tiering/): the Postgres database holding
@@ -229,6 +230,9 @@ class Settings:
             public_url=_str("DSGW_PUBLIC_URL", ""),
             subscriptions_poll_ms=env_int("DSGW_SUBSCRIPTIONS_POLL_MS", cls.subscriptions_poll_ms),
             subscriptions_sweep_s=env_int("DSGW_SUBSCRIPTIONS_SWEEP_S", cls.subscriptions_sweep_s),
+            subscriptions_full_poll_ms=env_int(
+                "DSGW_SUBSCRIPTIONS_FULL_POLL_MS", cls.subscriptions_full_poll_ms
+            ),
             console=_str("DSGW_CONSOLE", "true").lower() in ("1", "true", "yes"),
             history_database_url=_history_url(),
             history_timeout_ms=env_int("DSGW_HISTORY_TIMEOUT_MS", cls.history_timeout_ms),

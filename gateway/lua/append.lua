@@ -5,7 +5,9 @@
 -- Input:
 --   KEYS[1..7] meta, data, producers, forks, shard feed, tombstone of the stream,
 --              fork deadlines of its shard
---   KEYS[8..9] subscription links of the stream (SET), the shard's wake queue (ZSET)
+--   KEYS[8..9] subscription links of the stream (SET), the shard's wake queue (ZSET);
+--              a queued wake is also published (ARGV[7]) on 'ds:' .. KEYS[9]
+--              (keys.wake_channel) with the stream's name
 --   ARGV[1] media type of the request (lowercased, no parameters)
 --   ARGV[2] '1' to close the stream with this append, else ''
 --   ARGV[3] Stream-Seq, or ''
@@ -124,9 +126,11 @@ if pid ~= '' then
 end
 touch(m, now)
 -- Subscriptions: a linked stream queues its wake atomically with the append
--- (one EXISTS for the others); gateway/subscriptions/dispatch.py drains the queue.
+-- (one EXISTS for the others); gateway/subscriptions/dispatch.py drains the queue,
+-- at once when it hears the shard's wake channel (only linked streams publish there).
 if last and redis.call('EXISTS', KEYS[8]) == 1 then
   redis.call('ZADD', KEYS[9], now, m.name)
+  redis.call(ARGV[7], 'ds:' .. KEYS[9], m.name)
 end
 redis.call(ARGV[7], ARGV[8], notification(m, tail, added, closed == '1'))
 return {'ok', tail, closed}

@@ -5,7 +5,10 @@
 -- Input:
 --   KEYS[1..7] meta, data, producers, forks, shard feed, tombstone of the new stream,
 --              fork deadlines of its shard
---   KEYS[8..9] subscription links of the stream (SET), the shard's wake queue (ZSET)
+--   KEYS[8..9] subscription links of the stream (SET), the shard's wake queue (ZSET);
+--              a queued wake is also published on 'ds:' .. KEYS[9] (keys.wake_channel)
+--              with the stream's name: SPUBLISH on Redis 7+, else PUBLISH, as the
+--              gateway chooses (gateway/redis_client.py; no ARGV carries it here)
 --   ARGV[1]  content type as sent (stored and echoed byte-exact)
 --   ARGV[2]  media type (lowercased, no parameters), compared on re-create
 --   ARGV[3]  '1' for JSON mode, else ''
@@ -124,6 +127,8 @@ for id in string.gmatch(ARGV[17], '[^\n]+') do
 end
 if added > 0 and redis.call('EXISTS', KEYS[8]) == 1 then
   redis.call('ZADD', KEYS[9], now, ARGV[14])
+  -- redis.REDIS_VERSION_NUM exists from Redis 7.0, when the gateway subscribes with SSUBSCRIBE.
+  redis.call(redis.REDIS_VERSION_NUM and 'SPUBLISH' or 'PUBLISH', 'ds:' .. KEYS[9], ARGV[14])
 end
 put('tail', tail)
 if added > 0 then

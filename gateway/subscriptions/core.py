@@ -159,6 +159,8 @@ class Subscriptions:
             # They may hold entries no append will announce again.
             sk = keys.stream_keys(name)
             await self.state.execute("ZADD", sk.wakes, now_ms(), name, key=sk.wakes)
+            channel = keys.wake_channel(sk.shard)
+            await self.state.execute(self.gw.store.publish_command, channel, name, key=channel)
 
     async def backfill_again(self, sub_id: str, config: SubConfig, created_ms: int) -> None:
         """A second backfill once every stream creation that may have read the

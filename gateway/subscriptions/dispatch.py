@@ -3,12 +3,18 @@
 
 - the dispatcher drains the shards' wake queues (`dswake:{tag}`, filled by
   append.lua / create.lua atomically with the append) and tells each linked
-  subscription the stream's new tail (sub_notify.lua), issuing wakes. One
-  pipelined round over every shard per poll, and only while any subscription
-  exists; the pause between idle rounds grows from 20 ms to
-  DSGW_SUBSCRIPTIONS_POLL_MS. A queue entry is claimed by re-scoring and removed only after every
+  subscription the stream's new tail (sub_notify.lua), issuing wakes. The
+  scripts also publish on the shard's wake channel (keys.wake_channel); the
+  process's LiveHub calls back here and the dispatcher polls that shard at
+  once, again while it finds work. Quiet shards cost nothing: the round over
+  every queue runs only every DSGW_SUBSCRIPTIONS_FULL_POLL_MS (while any
+  subscription exists, by the one replica that takes SUB_FULL_POLL_LEASE),
+  for notifications lost with a dispatcher that died mid-way; a replica whose
+  pub/sub connection was down makes its own round when it is back (the hub
+  bumps every channel then), and so does every replica at start.
+  A queue entry is claimed by re-scoring and removed only after every
   subscription heard of it, so a dispatcher that dies loses nothing: the entry
-  falls due again after QUEUE_VISIBILITY_MS.
+  falls due again after QUEUE_VISIBILITY_MS and the full round finds it.
 - the timer loop serves `dssubs:timers` (leases running out, deliveries to
   retry or to take over from a replica that died), any replica for any
   subscription.
@@ -19,7 +25,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from .. import keys
@@ -33,8 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dsgw.subscriptions")
 
 QUEUE_VISIBILITY_MS = 10_000
-# Shortest pause between two idle rounds over the shards (right after work).
-MIN_PAUSE_S = 0.02
+# Pause after a failed round (Redis away) before the shards are tried again.
+RETRY_PAUSE_S = 0.5
 QUEUE_BATCH = 100
 TIMER_BATCH = 100
 
@@ -45,11 +54,15 @@ class Dispatcher:
         self.state = subs.state
         self.poll_s = poll_s
         self.sweep_s = sweep_s
+        self.full_poll_s = max(0.1, subs.settings.subscriptions_full_poll_ms / 1000)
+        # Shards whose wake channel spoke since their last poll, and the signal for them.
+        self._notified: set[int] = set()
+        self._heard = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._forever(self.drain_queues, self.poll_s, backoff=True)),
+            asyncio.create_task(self.drain_forever()),
             asyncio.create_task(self._forever(self.serve_timers, self.poll_s)),
             asyncio.create_task(self._forever(self.sweep, self.sweep_s)),
         ]
@@ -59,11 +72,8 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _forever(self, step: Any, pause_s: float, backoff: bool = False) -> None:
-        """Run `step` again at once while it finds work; otherwise pause. With
-        `backoff` the pause starts short after work and doubles up to `pause_s`
-        while idle: quick after activity, few round trips when quiet."""
-        pause = MIN_PAUSE_S if backoff else pause_s
+    async def _forever(self, step: Any, pause_s: float) -> None:
+        """Run `step` again at once while it finds work; otherwise pause."""
         while True:
             try:
                 busy = await step()
@@ -72,26 +82,90 @@ class Dispatcher:
             except Exception as exc:  # Redis down, a bug: log, go on
                 log.warning("subscription task failed: %s: %s", type(exc).__name__, exc)
                 busy = False
-            if busy:
-                pause = MIN_PAUSE_S if backoff else pause_s
-                continue
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, pause_s)
+            if not busy:
+                await asyncio.sleep(pause_s)
 
     # --- the shards' wake queues ----------------------------------------------------------
 
-    async def drain_queues(self) -> bool:
-        """One round over every shard; True if there was work (poll again at once)."""
-        if not await self.state.execute("EXISTS", keys.SUBSCRIPTIONS, key=keys.SUBSCRIPTIONS):
+    def _on_wake(self, shard: int, _version: int) -> None:
+        # Called by the LiveHub inside its reader: no await, no task.
+        self._notified.add(shard)
+        self._heard.set()
+
+    async def drain_forever(self) -> None:
+        """Listen to every shard's wake channel (one pub/sub subscription each,
+        on the hub's connection) and poll the shards they name; every queue
+        every `full_poll_s`."""
+        hub = self.subs.gw.hub
+        async with contextlib.AsyncExitStack() as stack:
+            for shard in range(keys.SHARDS):
+                watch = await stack.enter_async_context(hub.watch(keys.wake_channel(shard)))
+                watch.listen(shard, self._on_wake)
+            await self._drain_loop()
+
+    async def _drain_loop(self) -> None:
+        full_due = 0.0  # a round over every queue at start
+        while True:
+            now = time.monotonic()
+            if now >= full_due:
+                first, full_due = full_due == 0.0, now + self.full_poll_s
+                if not (first or await self._take_full_poll_lease()):
+                    continue
+                shards = list(range(keys.SHARDS))
+                self._notified.clear()
+            elif self._notified:
+                shards, self._notified = sorted(self._notified), set()
+            else:
+                self._heard.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._heard.wait(), full_due - now)
+                continue
+            try:
+                busy = await self.drain_shards(shards)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down, a bug: try these shards again shortly
+                log.warning("subscription task failed: %s: %s", type(exc).__name__, exc)
+                self._notified.update(shards)
+                await asyncio.sleep(RETRY_PAUSE_S)
+                continue
+            # Shards that had due entries are polled again at once (a batch may
+            # have left more); the round ends when a poll finds nothing due.
+            self._notified.update(busy)
+
+    async def _take_full_poll_lease(self) -> bool:
+        """One replica per interval makes the round over every queue (the
+        queues are shared: one round finds a lost wake for all of them)."""
+        lease_ms = max(1, int(self.full_poll_s * 1000 * 0.9))
+        key = keys.SUB_FULL_POLL_LEASE
+        try:
+            return bool(await self.state.execute("SET", key, os.getpid(), "NX", "PX", lease_ms, key=key))
+        except Exception as exc:  # Redis away: the next interval tries again
+            log.warning("subscription task failed: %s: %s", type(exc).__name__, exc)
             return False
+
+    async def drain_shards(self, shards: list[int]) -> list[int]:
+        """Drain the due entries of `shards`' queues; the shards that had any.
+        A round over every shard (the safety net, and the hub's bump of every
+        channel after a reconnect) runs only while a subscription exists, and
+        samples the queues' sizes for the metric."""
+        full = len(shards) == keys.SHARDS
+        if full and not await self.state.execute("EXISTS", keys.SUBSCRIPTIONS, key=keys.SUBSCRIPTIONS):
+            return []
+        queues = [keys.wake_queue_key(shard) for shard in shards]
+        if full:
+            # Idle queues are empty: one ZCARD each, and a look at the head only where it is not.
+            sizes = await asyncio.gather(*(self.state.execute("ZCARD", q, key=q) for q in queues))
+            metrics.PENDING_WAKES.set(sum(sizes))
+            shards = [shard for shard, size in zip(shards, sizes, strict=True) if size]
+            queues = [keys.wake_queue_key(shard) for shard in shards]
         now = now_ms()
-        queues = [keys.wake_queue_key(shard) for shard in range(keys.SHARDS)]
         heads = await asyncio.gather(
             *(self.state.execute("ZRANGEBYSCORE", q, "-inf", now, "LIMIT", 0, 1, key=q) for q in queues)
         )
-        due = [q for q, head in zip(queues, heads, strict=True) if head]
-        await asyncio.gather(*(self.drain_queue(q) for q in due))
-        return bool(due)
+        due = [(shard, q) for shard, q, head in zip(shards, queues, heads, strict=True) if head]
+        await asyncio.gather(*(self.drain_queue(q) for _, q in due))
+        return [shard for shard, _ in due]
 
     async def drain_queue(self, queue: str) -> None:
         taken = await self.state.script(
@@ -161,7 +235,4 @@ class Dispatcher:
         for i in range(0, len(ids), 100):
             await asyncio.gather(*(self.tick(sub_id) for sub_id in ids[i : i + 100]))
         metrics.SUBSCRIPTIONS.set(len(ids))
-        queues = [keys.wake_queue_key(shard) for shard in range(keys.SHARDS)]
-        sizes = await asyncio.gather(*(self.state.execute("ZCARD", q, key=q) for q in queues))
-        metrics.PENDING_WAKES.set(sum(sizes))
-        return False
+        return False  # (the wake queues' sizes are sampled by the full round over them)

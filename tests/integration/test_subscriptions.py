@@ -257,22 +257,35 @@ def test_control_paths_are_never_streams(pair, http):
     assert res.status_code == 400
 
 
+def append_unannounced(
+    gw: GatewayProcess, http: httpx.Client, rc: redis.Redis, stream: str, sub: str
+) -> None:
+    """Append to `stream` and queue its wake as append.lua would, but with the
+    wake channel's notification lost: the link is taken away for the append
+    (nothing queued, nothing published), then restored and the wake queued by hand."""
+    sk = keys.stream_keys(stream)
+    assert rc.srem(sk.subs, sub) == 1
+    assert http.post(url(gw, stream), json={"unannounced": True}).status_code == 204
+    rc.sadd(sk.subs, sub)
+    rc.zadd(sk.wakes, {stream: int(time.time() * 1000)})
+
+
 def test_a_wake_is_not_lost_when_the_dispatcher_dies_after_taking_it(tmp_path, http):
     # A Redis of its own: no other gateway's dispatcher may touch the queue. The
-    # first gateway's dispatcher polls once an hour, so appends through it queue
-    # wakes that only this test and a second gateway touch.
+    # first gateway's dispatcher polls every queue once an hour and hears no
+    # notification of this wake, which only this test and a second gateway touch.
     server = start_redis(tmp_path / "redis", persistent=False)
     rc = redis.Redis.from_url(server.url)
-    slow = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SUBSCRIPTIONS_POLL_MS="3600000"))
+    slow = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SUBSCRIPTIONS_FULL_POLL_MS="3600000"))
     try:
         tag = uuid.uuid4().hex[:8]
         sub, wake, stream = f"lost-{tag}", f"wake-{tag}", f"lost-{tag}/s"
         http.put(url(slow, wake), content=b"[]", headers={"content-type": "application/json"})
+        http.put(url(slow, stream), content=b"[]", headers={"content-type": "application/json"})
         body = {"type": "pull-wake", "streams": [stream], "wake_stream": wake}
         http.put(url(slow, f"__ds/subscriptions/{sub}"), json=body)
-        http.put(url(slow, stream), json={"n": 1})
+        append_unannounced(slow, http, rc, stream, sub)
         queue = keys.stream_keys(stream).wakes
-        assert rc.zscore(queue, stream) is not None  # queued by create.lua with the append
         # A dispatcher takes the entry (re-scored 2 s ahead) and dies before telling anyone.
         taken = rc.eval(script_source("sub_queue_take"), 1, queue, int(time.time() * 1000), 2000, 1000)
         assert stream.encode() in taken
@@ -287,6 +300,58 @@ def test_a_wake_is_not_lost_when_the_dispatcher_dies_after_taking_it(tmp_path, h
             other.stop()
     finally:
         slow.stop()
+        rc.close()
+        server.stop()
+
+
+def test_appends_wake_through_the_wake_channel_long_before_the_full_poll(tmp_path, http):
+    """append.lua and create.lua publish on the shard's wake channel: the
+    dispatcher polls that shard at once, though its round over every queue
+    comes only once a minute here (after the one at start)."""
+    server = start_redis(tmp_path / "redis", persistent=False)
+    gw = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SUBSCRIPTIONS_FULL_POLL_MS="60000"))
+    try:
+        tag = uuid.uuid4().hex[:8]
+        sub, wake, stream = f"chan-{tag}", f"wake-{tag}", f"chan-{tag}/s"
+        http.put(url(gw, wake), content=b"[]", headers={"content-type": "application/json"})
+        body = {"type": "pull-wake", "streams": [stream], "wake_stream": wake}
+        assert http.put(url(gw, f"__ds/subscriptions/{sub}"), json=body).status_code == 201
+        # Created with a body after the link: create.lua queues and publishes.
+        assert http.put(url(gw, stream), json={"n": 1}).status_code == 201
+        first = wait_for(lambda: wake_events(gw, http, wake, sub), timeout_s=10)
+        assert first[0]["stream"] == stream
+        claimed = claim(gw, http, sub, "w").json()
+        tail = next(s for s in claimed["streams"] if s["path"] == stream)["tail_offset"]
+        assert ack(gw, http, sub, claimed, [{"stream": stream, "offset": tail}]).json()["next_wake"] is False
+        # An append: append.lua queues and publishes.
+        assert http.post(url(gw, stream), json={"n": 2}).status_code == 204
+        later = wait_for(
+            lambda: [e for e in wake_events(gw, http, wake, sub) if e["generation"] > claimed["generation"]],
+            timeout_s=10,
+        )
+        assert later[0]["stream"] == stream
+    finally:
+        gw.stop()
+        server.stop()
+
+
+def test_the_full_poll_finds_a_wake_whose_notification_was_lost(tmp_path, http):
+    server = start_redis(tmp_path / "redis", persistent=False)
+    rc = redis.Redis.from_url(server.url)
+    gw = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SUBSCRIPTIONS_FULL_POLL_MS="1000"))
+    try:
+        tag = uuid.uuid4().hex[:8]
+        sub, wake, stream = f"unheard-{tag}", f"wake-{tag}", f"unheard-{tag}/s"
+        for path in (wake, stream):
+            http.put(url(gw, path), content=b"[]", headers={"content-type": "application/json"})
+        body = {"type": "pull-wake", "streams": [stream], "wake_stream": wake}
+        assert http.put(url(gw, f"__ds/subscriptions/{sub}"), json=body).status_code == 201
+        append_unannounced(gw, http, rc, stream, sub)
+        events = wait_for(lambda: wake_events(gw, http, wake, sub))
+        assert events[0]["stream"] == stream
+        wait_for(lambda: rc.zscore(keys.stream_keys(stream).wakes, stream) is None)
+    finally:
+        gw.stop()
         rc.close()
         server.stop()
 
