@@ -23,6 +23,9 @@ class WorkerSettings:
     sink_block_ms: int = 1000
     # Batches written to Postgres at once (one connection each), whatever the shard count.
     sink_writers: int = 4
+    # Feed bytes a sink holds at once (read ahead or being written), reserved
+    # before every read; 0: twice sink_batch_bytes. See sink_inflight_budget.
+    sink_inflight_bytes: int = 0
     # Feed entries delivered to a consumer that has not acknowledged them for
     # this long are taken over (the consumer is presumed dead).
     sink_claim_idle_ms: int = 30_000
@@ -45,6 +48,12 @@ class WorkerSettings:
     # How often the sink looks for streams whose oldest entries aged out.
     trim_sweep_ms: int = 1000
 
+    @property
+    def sink_inflight_budget(self) -> int:
+        """The bound on feed bytes read and not yet written (one entry bigger
+        than it is still read, alone)."""
+        return self.sink_inflight_bytes if self.sink_inflight_bytes > 0 else 2 * self.sink_batch_bytes
+
     @classmethod
     def from_env(cls) -> WorkerSettings:
         return cls(
@@ -54,6 +63,7 @@ class WorkerSettings:
             sink_batch_bytes=env_int("DSGW_SINK_BATCH_BYTES", cls.sink_batch_bytes),
             sink_block_ms=env_int("DSGW_SINK_BLOCK_MS", cls.sink_block_ms),
             sink_writers=env_int("DSGW_SINK_WRITERS", cls.sink_writers),
+            sink_inflight_bytes=env_int("DSGW_SINK_INFLIGHT_BYTES", cls.sink_inflight_bytes),
             sink_claim_idle_ms=env_int("DSGW_SINK_CLAIM_IDLE_MS", cls.sink_claim_idle_ms),
             sink_stall_ms=env_int("DSGW_SINK_STALL_MS", cls.sink_stall_ms),
             source_batch=env_int("DSGW_SOURCE_BATCH", cls.source_batch),

@@ -1,4 +1,6 @@
-"""`dsgw worker sink`: stream -> Postgres.
+"""`dsgw worker sink`: stream -> Postgres. This module writes (feed entries
+to rows, Postgres transactions, rejects) and runs the worker; which feeds are
+read, when, and within which memory budget is workers/sink_poll.py.
 
 Every shard's sync feed (dsfeed:{sNN}, written by the append script) is read
 by the consumer group `dsgw-sink`; any number of sink processes join it and
@@ -39,42 +41,39 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from prometheus_client import Counter, Gauge, Histogram
-from redis.exceptions import NoScriptError, RedisError
+from prometheus_client import Counter
+from redis.exceptions import RedisError
 
 from gateway.json_messages import json_array_elements
-from gateway.keys import SHARDS, feed_key
+from gateway.keys import SHARDS
 from gateway.layout import LayoutMismatch, check_layout
 from gateway.offsets import format_offset, parse_entry_id
 from gateway.redis_client import reset_after
-from gateway.scripts import script_source
 
 from .process import Backoff, Health
 from .settings import WorkerSettings
+from .sink_poll import GROUP, LAG, SINK_READ, FeedEntry, ShardPoller, feed_entries
 from .tiering import HISTORY_ROWS, HistoryRow, Trimmer, history_rows, last_id
+
+__all__ = [
+    "GROUP",
+    "SINK_READ",
+    "FeedEntry",
+    "SinkWorker",
+    "feed_entries",
+    "rows_from_feed_entry",
+    "run_sink",
+]
 
 log = logging.getLogger("dsgw.sink")
 
-GROUP = "dsgw-sink"
-CLAIM_EVERY_S = 5.0
-TRIM_EVERY_S = 2.0
-SINK_READ = script_source("sink_read")
-
 ROWS = Counter("dsgw_sink_rows_total", "Messages written to session_events (conflicts included)")
 REJECTED = Counter("dsgw_sink_rejected_total", "Messages Postgres refused, kept in session_events_rejected")
-LAG = Histogram(
-    "dsgw_sink_lag_seconds",
-    "From the append in Redis to the commit in Postgres, per feed shard",
-    ["shard"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-)
-PENDING = Gauge("dsgw_sink_pending_entries", "Feed entries delivered but not yet acknowledged", ["shard"])
 
 # Feed entries as they are: the stream, the entry IDs (space-separated), and
 # the messages as one JSON array (bytes, decoded by Postgres).
@@ -190,86 +189,23 @@ def rows_from_feed_entry(fields: dict[bytes, bytes]) -> list[Row]:
 EntryRecord = tuple[str, str, bytes]
 
 
-@dataclass(slots=True)
-class FeedEntry:
-    id: bytes
-    fields: dict[bytes, bytes]
-
-    def record(self) -> EntryRecord:
-        """Its row of dsgw_sink_entries (KeyError, UnicodeDecodeError: unreadable)."""
-        return self.fields[b"stream"].decode(), self.fields[b"ids"].decode(), self.fields[b"json"]
-
-    @property
-    def messages(self) -> int:
-        return self.fields[b"ids"].count(b" ") + 1
-
-
-def feed_entries(raw: list[Any]) -> list[FeedEntry]:
-    """Entries from XREADGROUP (redis-py: (id, dict)) or sink_read.lua (flat field lists)."""
-    entries = []
-    for entry_id, fields in raw:
-        if not isinstance(fields, dict):
-            fields = dict(zip(fields[::2], fields[1::2], strict=True))
-        entries.append(FeedEntry(entry_id, fields))
-    return entries
-
-
-IDLE_FIRST_S = 0.005  # first back-off of a shard found empty; doubles up to DSGW_SINK_BLOCK_MS
-ROUND_S = 0.005  # shortest pause between poll rounds (shards due within it share the round)
-POLL_CHUNK = 512  # commands per pipeline
-PROBE_ENTRIES = 100  # budget of a read of a shard that was idle
-PROBE_BYTES = 64 * 1024
-MAX_IN_FLIGHT_PER_WRITER = 2  # full batches read ahead per writer
-
-
-@dataclass(slots=True)
-class _ShardState:
-    """What the poller knows of one shard's feed."""
-
-    key: str
-    due: float = 0.0  # monotonic time of its next read
-    idle_s: float = 0.0  # its back-off while idle
-    error_s: float = 0.0  # its back-off after a failed batch
-    claim_due: float = 0.0  # when to look for stale entries again
-    busy: bool = False  # a batch of it is queued or being written
-    active: bool = False  # its last read had entries: read a full batch next
-    group_ready: bool = False
-    # Acknowledged entries since its last trim (at start: maybe, by an earlier sink).
-    dirty: bool = True
-
-
-def _trim_point(groups: list[dict[str, Any]], summary: dict[str, Any] | None) -> tuple[int, int] | None:
-    """The MINID below which a feed holds only acknowledged entries."""
-    group = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), None)
-    if group is None:
-        return None
-    if summary and summary["pending"]:
-        min_id = parse_entry_id(summary["min"])
-    else:
-        last = parse_entry_id(group["last-delivered-id"])
-        min_id = (last[0], last[1] + 1)
-    return min_id if min_id > (0, 1) else None
-
-
 class SinkWorker:
+    """The poller (workers/sink_poll.py) and DSGW_SINK_WRITERS writers, each
+    holding one Postgres connection and writing one shard's batch at a time."""
+
     def __init__(self, settings: WorkerSettings, redis: aioredis.Redis, pool: asyncpg.Pool) -> None:
         self.settings = settings
         self.redis = redis
         self.pool = pool
         self.consumer = settings.consumer_name
         self.stop = asyncio.Event()
-        # Per shard: when its loop last finished a round (a read, with or
-        # without entries, and their write). One stuck shard is enough to
-        # make the worker unhealthy, whatever the others do.
-        self.last_progress = [time.monotonic()] * SHARDS
+        self.poller = ShardPoller(settings, redis, self.consumer, self.stop)
         self.trimmer = Trimmer(
             redis, settings.retain_messages, settings.retain_seconds, settings.trim_sweep_ms / 1000, GROUP
         )
 
     def stalled_shards(self) -> list[int]:
-        limit = (self.settings.sink_stall_ms + self.settings.sink_block_ms) / 1000
-        now = time.monotonic()
-        return [shard for shard, at in enumerate(self.last_progress) if now - at >= limit]
+        return self.poller.stalled_shards()
 
     def health(self) -> Health:
         stalled = self.stalled_shards()
@@ -278,217 +214,32 @@ class SinkWorker:
         return {"status": "ok"}
 
     async def run(self) -> None:
-        """One poller and DSGW_SINK_WRITERS writers, whatever the shard count.
-
-        The poller reads the feeds of every due shard in one pipelined round
-        (redis-py pipelines: one connection per Redis node), never blocking:
-        a shard found empty is read again after a back-off that doubles from
-        IDLE_FIRST_S up to DSGW_SINK_BLOCK_MS, which is therefore the bound on
-        how late the sink notices the first append to an idle shard. A shard
-        that had entries is read again as soon as its batch is written. A
-        shard's batches are written one at a time, in order, by the writers
-        (each holds one Postgres connection); at most MAX_IN_FLIGHT_PER_WRITER
-        full batches per writer are read ahead, so memory stays bounded too.
-        """
         log.info("sink started", extra={"fields": {"consumer": self.consumer, "shards": SHARDS}})
-        self._shards = [_ShardState(feed_key(shard)) for shard in range(SHARDS)]
-        self._batches: asyncio.Queue[tuple[int, list[FeedEntry]] | None] = asyncio.Queue()
-        self._wake = asyncio.Event()
-        self._in_flight = 0
-        self._sink_read_sha = ""
         writers = [asyncio.create_task(self._writer()) for _ in range(max(1, self.settings.sink_writers))]
         try:
-            await self._poll_loop()
+            await self.poller.run()
         finally:
             for _ in writers:  # after the batches already read: they are written and acknowledged
-                self._batches.put_nowait(None)
+                self.poller.batches.put_nowait(None)
             await asyncio.gather(*writers, return_exceptions=True)
         log.info("sink stopped", extra={"fields": {"consumer": self.consumer}})
 
-    async def _poll_loop(self) -> None:
-        backoff = Backoff()
-        last_trim = 0.0
-        while not self.stop.is_set():
-            now = time.monotonic()
-            try:
-                await self._poll_round(now)
-                if now - last_trim >= TRIM_EVERY_S:
-                    last_trim = now
-                    await self._trim_dirty()
-                backoff.reset()
-            except (RedisError, OSError) as exc:
-                log.warning("sink cannot reach redis: %s: %s", type(exc).__name__, exc)
-                await reset_after(self.redis, exc)
-                await backoff.wait(self.stop)
-                continue
-            except Exception:
-                # A bug must not end the sink: log it, back off, try again
-                # (undelivered entries stay in the feed, delivered ones pending).
-                log.exception("sink poll round failed")
-                await backoff.wait(self.stop)
-                continue
-            await self._sleep_until_due()
-
-    async def _sleep_until_due(self) -> None:
-        now = time.monotonic()
-        # A shard waiting for room for a full batch is woken by its writer, not the clock.
-        room = self.settings.sink_writers * MAX_IN_FLIGHT_PER_WRITER > self._in_flight
-        due = min((s.due for s in self._shards if not s.busy and (room or not s.active)), default=now + 1.0)
-        # At least ROUND_S between rounds, so shards falling due one by one
-        # share a round (one pipeline) instead of one round trip each.
-        delay = min(max(due - now, ROUND_S), self.settings.sink_block_ms / 1000)
-        self._wake.clear()
-        stop = asyncio.ensure_future(self.stop.wait())
-        wake = asyncio.ensure_future(self._wake.wait())
-        await asyncio.wait([stop, wake], timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        wake.cancel()
-
-    def _due_reads(self, now: float) -> list[tuple[int, bool, bool]]:
-        """(shard, full budget, claim) for every shard to read this round."""
-        reads = []
-        room = self.settings.sink_writers * MAX_IN_FLIGHT_PER_WRITER - self._in_flight
-        for shard, state in enumerate(self._shards):
-            # An idle shard may be read a quarter of its back-off early: idle shards
-            # then share rounds instead of each costing a round of its own.
-            if state.busy or state.due > now + max(ROUND_S, state.idle_s / 4):
-                continue
-            if state.active:  # had entries: a full batch, if there is room for one
-                if room <= 0:
-                    continue
-                room -= 1
-            reads.append((shard, state.active, now >= state.claim_due))
-        return reads
-
-    async def _poll_round(self, now: float) -> None:
-        reads = self._due_reads(now)
-        if not reads:
-            return
-        await self._ensure_groups([shard for shard, _, _ in reads if not self._shards[shard].group_ready])
-        if not self._sink_read_sha:
-            self._sink_read_sha = await self.redis.script_load(SINK_READ)
-        replies = await self._pipelined(
-            [
-                (
-                    "EVALSHA", self._sink_read_sha, 1, self._shards[shard].key, GROUP, self.consumer,
-                    *self._budget(full), self.settings.sink_claim_idle_ms if claim else "",
-                )
-                for shard, full, claim in reads
-            ]
-        )  # fmt: skip
-        for (shard, _full, claim), reply in zip(reads, replies, strict=True):
-            self._after_read(shard, claim, reply, now)
-
-    def _budget(self, full: bool) -> tuple[int, int]:
-        """(entries, bytes) of a read: a shard seen idle is probed with a small
-        budget, so a round over many shards holds little at once."""
-        entries, size = max(1, self.settings.sink_batch), max(1, self.settings.sink_batch_bytes)
-        return (entries, size) if full else (min(entries, PROBE_ENTRIES), min(size, PROBE_BYTES))
-
-    def _after_read(self, shard: int, claim: bool, reply: Any, now: float) -> None:
-        state = self._shards[shard]
-        if isinstance(reply, Exception):
-            if isinstance(reply, NoScriptError):
-                self._sink_read_sha = ""  # the node restarted or failed over: load it again
-            elif "NOGROUP" in str(reply):
-                state.group_ready = False  # the feed key was deleted: recreate the group
-            else:
-                log.warning("sink read of %s failed: %s: %s", state.key, type(reply).__name__, reply)
-                state.due = now + 1.0
-            return
-        entries = feed_entries(reply or [])
-        if claim:
-            # Claim again next round while stale entries turn up, else in CLAIM_EVERY_S.
-            state.claim_due = now if entries else now + CLAIM_EVERY_S
-            if entries:
-                log.info(
-                    "claimed stale entries", extra={"fields": {"feed": state.key, "count": len(entries)}}
-                )
-        if entries:
-            state.busy = state.active = True
-            self._in_flight += 1
-            self._batches.put_nowait((shard, entries))
-        elif not claim:
-            state.active = False
-            state.idle_s = min(self.settings.sink_block_ms / 1000, max(IDLE_FIRST_S, state.idle_s * 2))
-            state.due = now + state.idle_s
-            self.last_progress[shard] = now
-
     async def _writer(self) -> None:
-        while (item := await self._batches.get()) is not None:
-            shard, entries = item
-            state = self._shards[shard]
+        while (batch := await self.poller.batches.get()) is not None:
             try:
-                await self._process(shard, state.key, entries)
-                self.last_progress[shard] = time.monotonic()
-                state.dirty = True
-                state.idle_s = state.due = 0.0  # read it again at once
-                state.error_s = 0.0
+                lag_s = await self._process(batch.key, batch.entries)
             except Exception as exc:
-                # Not acknowledged: the entries stay pending and are claimed
-                # again. Back off this shard only; the others go on.
                 if isinstance(exc, RedisError | OSError):
                     log.warning("sink cannot reach redis: %s: %s", type(exc).__name__, exc)
                     await reset_after(self.redis, exc)
                 else:
-                    log.exception("sink shard %d failed", shard)
-                state.error_s = min(5.0, max(0.1, state.error_s * 2))
-                state.due = time.monotonic() + state.error_s
-                state.claim_due = 0.0
-            finally:
-                state.busy = False
-                self._in_flight -= 1
-                self._wake.set()
+                    log.exception("sink shard %d failed", batch.shard)
+                self.poller.failed(batch)
+            else:
+                self.poller.written(batch, lag_s)
 
-    async def _pipelined(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Replies (or exceptions) of `commands`, sent POLL_CHUNK at a time
-        through one pipeline (a cluster pipeline: one connection per node)."""
-        replies: list[Any] = []
-        for start in range(0, len(commands), POLL_CHUNK):
-            pipe = self.redis.pipeline(transaction=False)
-            for command in commands[start : start + POLL_CHUNK]:
-                pipe.execute_command(*command)
-            replies.extend(await pipe.execute(raise_on_error=False))
-        return replies
-
-    async def _ensure_groups(self, shards: list[int]) -> None:
-        if not shards:
-            return
-        keys = [self._shards[shard].key for shard in shards]
-        replies = await self._pipelined([("XGROUP", "CREATE", key, GROUP, "0", "MKSTREAM") for key in keys])
-        for shard, reply in zip(shards, replies, strict=True):
-            if not isinstance(reply, Exception) or "BUSYGROUP" in str(reply):
-                self._shards[shard].group_ready = True
-
-    async def _trim_dirty(self) -> None:
-        """Drop acknowledged feed entries of the shards that acknowledged any
-        since the last trim: everything below the oldest pending entry (or,
-        with nothing pending, everything delivered so far)."""
-        shards = [shard for shard, state in enumerate(self._shards) if state.dirty]
-        if not shards:
-            return
-        for shard in shards:
-            self._shards[shard].dirty = False
-        replies: list[Any] = []
-        for start in range(0, len(shards), POLL_CHUNK):
-            pipe = self.redis.pipeline(transaction=False)
-            for shard in shards[start : start + POLL_CHUNK]:
-                pipe.xinfo_groups(self._shards[shard].key)
-                pipe.xpending(self._shards[shard].key, GROUP)
-            replies.extend(await pipe.execute(raise_on_error=False))
-        trims: list[tuple[Any, ...]] = []
-        for i, shard in enumerate(shards):
-            groups, summary = replies[2 * i], replies[2 * i + 1]
-            if isinstance(groups, Exception) or isinstance(summary, Exception):
-                continue
-            PENDING.labels(str(shard)).set(summary["pending"] if summary else 0)
-            min_id = _trim_point(groups, summary)
-            if min_id is not None:
-                trims.append(("XTRIM", self._shards[shard].key, "MINID", f"{min_id[0]}-{min_id[1]}"))
-        if trims:
-            await self._pipelined(trims)
-
-    async def _process(self, shard: int, key: str, entries: list[FeedEntry]) -> None:
+    async def _process(self, key: str, entries: list[FeedEntry]) -> float:
+        """Write one batch and acknowledge it; its oldest entry's lag (seconds)."""
         readable: list[tuple[FeedEntry, EntryRecord]] = []
         unreadable: list[tuple[FeedEntry, str]] = []
         # Tiered entries ('lens'): their stream_history rows, and per stream
@@ -520,17 +271,18 @@ class SinkWorker:
                 # pending, so a SIGTERM now loses nothing either.
                 log.warning("sink cannot write to postgres: %s: %s", type(exc).__name__, exc)
                 if self.stop.is_set():
-                    return
+                    return 0.0  # not acknowledged: the entries stay pending
                 await backoff.wait(self.stop)
         await self.redis.xack(key, GROUP, *[entry.id for entry in entries])
         now = time.time()
-        lag = LAG.labels(str(shard))
-        for entry, _ in readable:
-            lag.observe(max(0.0, now - parse_entry_id(entry.id)[0] / 1000))
+        lags = [max(0.0, now - parse_entry_id(entry.id)[0] / 1000) for entry, _ in readable]
+        for lag in lags:
+            LAG.observe(lag)
         ROWS.inc(sum(entry.messages for entry, _ in readable))
         HISTORY_ROWS.inc(len(history))
         # Committed: now, and only now, Redis may let these entries go.
         await self.trimmer.committed(key, synced)
+        return max(lags, default=0.0)
 
     async def _write(
         self,

@@ -14,13 +14,19 @@
 --   ARGV[4] byte budget (>= 1)
 --   ARGV[5] '' to read entries never delivered; else a time in ms: take over
 --           entries pending (unacknowledged) for at least that long instead
+--   ARGV[6] optional, 'strict': the budget is a hard ceiling (the sink's
+--           global in-flight bound): the entry that would pass it is left
+--           for the next read, and when the first entry alone passes it
+--           nothing is delivered and the reply is the error 'TOOBIG <bytes>'
 --
 -- Output: the entries, oldest first, each {id, {field, value, ...}}; {} when
 -- none. A pending entry that was trimmed away is acknowledged and skipped.
 -- Error 'NOGROUP ...' when the feed or its group does not exist.
+-- Error 'TOOBIG <bytes>' (strict only): the next entry alone is that big.
 
 local feed, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local max_entries, budget, idle = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local strict = ARGV[6] == 'strict'
 
 local function size_of(entry)
   local n = #entry[1]
@@ -38,14 +44,21 @@ if idle ~= '' then
   -- Take over stale entries: measure each one (one XRANGE per entry, so Lua
   -- never holds more than one extra entry), then XCLAIM those that fit.
   local stale = redis.call('XPENDING', feed, group, 'IDLE', idle, '-', '+', max_entries)
-  local ids, gone, bytes = {}, {}, 0
+  local ids, gone, bytes, toobig = {}, {}, 0, nil
   for _, p in ipairs(stale) do
     local found = redis.call('XRANGE', feed, p[1], p[1])
     if #found == 0 then
       table.insert(gone, p[1])
     else
+      local size = size_of(found[1])
+      if strict and bytes + size > budget then
+        if #ids == 0 then
+          toobig = size
+        end
+        break
+      end
       table.insert(ids, p[1])
-      bytes = bytes + size_of(found[1])
+      bytes = bytes + size
       if bytes >= budget then
         break
       end
@@ -53,6 +66,9 @@ if idle ~= '' then
   end
   if #gone > 0 then
     redis.call('XACK', feed, group, unpack(gone))
+  end
+  if toobig then
+    return redis.error_reply('TOOBIG ' .. toobig)
   end
   if #ids == 0 then
     return {}
@@ -87,8 +103,16 @@ while count < max_entries and bytes < budget do
   if #chunk == 0 then
     break
   end
+  local full = false
   for _, entry in ipairs(chunk) do
     local size = size_of(entry)
+    if strict and bytes + size > budget then
+      if count == 0 then
+        return redis.error_reply('TOOBIG ' .. size)
+      end
+      full = true
+      break
+    end
     count = count + 1
     bytes = bytes + size
     biggest = math.max(biggest, size)
@@ -96,6 +120,9 @@ while count < max_entries and bytes < budget do
     if bytes >= budget then
       break
     end
+  end
+  if full then
+    break
   end
 end
 if count == 0 then

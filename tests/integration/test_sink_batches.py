@@ -34,42 +34,127 @@ def peak_rss_bytes(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+async def _metric(port: int, name: str) -> float:
+    """One unlabelled sample of a worker's /metrics."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def _on_other_shards(base: str, count: int) -> list[str]:
+    """`count` stream names on as many different shards."""
+    names: list[str] = []
+    n = 0
+    while len(names) < count:
+        name = f"{base}-{n}"
+        n += 1
+        if shard_of(name) not in {shard_of(other) for other in names}:
+            names.append(name)
+    return names
+
+
+def _bounded_sink(redis_server, postgres_server, tmp_path, batch_bytes: int, inflight_bytes: int):  # type: ignore[no-untyped-def]
+    """A sink with these byte bounds, and the port of its /metrics."""
+    port = free_port()
+    sink = start_worker(
+        "sink", redis_server.url, postgres_server.url, tmp_path, **FAST_CLAIM,
+        DSGW_SINK_BATCH_BYTES=str(batch_bytes), DSGW_SINK_INFLIGHT_BYTES=str(inflight_bytes),
+        DSGW_WORKER_METRICS_PORT=str(port),
+    )  # fmt: skip
+    return sink, port
+
+
 async def test_big_messages_are_written_with_bounded_memory_past_a_poison_message(
     gateway, redis_server, postgres_server, pg, unique, tmp_path
 ):
-    count, batch_bytes = 200, 8 * MIB
+    # 200 messages of 1 MiB over 5 streams on 5 shards: 5 batches could be
+    # read at once (4 writers, read-ahead), but the bytes in flight are
+    # bounded by DSGW_SINK_INFLIGHT_BYTES for the whole process.
+    count, batch_bytes, inflight_bytes = 200, 8 * MIB, 16 * MIB
+    streams = _on_other_shards(unique, 5)
+    main, others = streams[0], streams[1:]
     async with httpx.AsyncClient(timeout=30) as client:
-        url = gateway.stream_url(unique)
-        await client.put(url, headers=JSON)
+        for name in streams:
+            await client.put(gateway.stream_url(name), headers=JSON)
         for i in range(count):
             blob = "x" * MIB
             body = json.dumps([{"n": i, "blob": blob}])
             if i == 50:  # jsonb cannot hold \u0000: this append must not block the ones behind it
                 body = json.dumps([{"n": i, "bad": "nul\u0000"}, {"n": "after-bad"}])
-            assert (await client.post(url, headers=JSON, content=body.encode())).status_code == 204
-    # Started after the appends, the sink finds 200+ MiB waiting in one feed.
-    sink = start_worker(
-        "sink", redis_server.url, postgres_server.url, tmp_path, **FAST_CLAIM,
-        DSGW_SINK_BATCH_BYTES=str(batch_bytes),
-    )  # fmt: skip
+            name = main if i < 100 else others[i % 4]
+            response = await client.post(gateway.stream_url(name), headers=JSON, content=body.encode())
+            assert response.status_code == 204
+    # Started after the appends, the sink finds 200+ MiB waiting in its feeds.
+    sink, port = _bounded_sink(redis_server, postgres_server, tmp_path, batch_bytes, inflight_bytes)
     try:
-        assert await wait_until(lambda: _count_at_least(pg, unique, count), timeout_s=120) == count
+
+        async def written() -> int | None:
+            total = 0
+            for name in streams:
+                total += await pg.fetchval("SELECT count(*) FROM session_events WHERE stream_name = $1", name)
+            return total if total >= count else None
+
+        assert await wait_until(written, timeout_s=180) == count
         peak = peak_rss_bytes(sink.proc.pid)
+        peak_inflight = await _metric(port, "dsgw_sink_inflight_peak_bytes")
+        print(f"sink peak RSS {peak / MIB:.1f} MiB, peak in flight {peak_inflight / MIB:.1f} MiB")
     finally:
         sink.stop()
     numbers = await pg.fetch(
         "SELECT payload->>'n' AS n, length(payload->>'blob') AS size FROM session_events"
         " WHERE stream_name = $1 ORDER BY ds_offset",
-        unique,
+        main,
     )
-    expected = [str(i) for i in range(50)] + ["after-bad"] + [str(i) for i in range(51, count)]
+    expected = [str(i) for i in range(50)] + ["after-bad"] + [str(i) for i in range(51, 100)]
     assert [r["n"] for r in numbers] == expected
     assert all(r["size"] == MIB for r in numbers if r["n"] != "after-bad")
-    rejected = await pg.fetch("SELECT raw FROM session_events_rejected WHERE stream_name = $1", unique)
+    for name in others:
+        n = await pg.fetchval("SELECT count(*) FROM session_events WHERE stream_name = $1", name)
+        assert n == 25
+    rejected = await pg.fetch("SELECT raw FROM session_events_rejected WHERE stream_name = $1", main)
     assert len(rejected) == 1 and b"nul" in rejected[0]["raw"]
-    # The idle sink is ~50 MiB; a batch is held a few times over (Redis reply,
-    # COPY buffer). Measured: 63 MiB, against 452 MiB when a read took the whole feed.
-    assert peak < 60 * MIB + 5 * batch_bytes, f"sink peak RSS {peak / MIB:.0f} MiB"
+    # The bound itself, counted by the sink: never more feed bytes read and
+    # not yet written than DSGW_SINK_INFLIGHT_BYTES (no entry is bigger).
+    assert 2 * MIB < peak_inflight <= inflight_bytes
+    # And what it costs: the idle sink is ~50 MiB; the bytes in flight are
+    # held about twice (Redis reply, then COPY buffers) plus allocator slack.
+    # Measured: 97 MiB; 113 MiB before the in-flight budget (reads of 5 shards at once).
+    assert peak < 60 * MIB + 3 * inflight_bytes, f"sink peak RSS {peak / MIB:.0f} MiB"
+
+
+async def test_an_entry_bigger_than_the_inflight_budget_is_read_alone(
+    gateway, redis_server, postgres_server, pg, unique, tmp_path
+):
+    budget = 32 * 1024
+    streams = _on_other_shards(unique, 3)
+    async with httpx.AsyncClient(timeout=30) as client:
+        for name in streams:
+            await client.put(gateway.stream_url(name), headers=JSON)
+        for name in streams[1:]:  # small entries on other shards, read alongside
+            for i in range(20):
+                body = json.dumps([{"n": i, "pad": "y" * 1000}]).encode()
+                assert (
+                    await client.post(gateway.stream_url(name), headers=JSON, content=body)
+                ).status_code == 204
+        big = json.dumps([{"n": "big", "blob": "x" * (200 * 1024)}]).encode()
+        for body in (b'[{"n": "before"}]', big, b'[{"n": "after"}]'):
+            assert (
+                await client.post(gateway.stream_url(streams[0]), headers=JSON, content=body)
+            ).status_code == 204
+    sink, port = _bounded_sink(redis_server, postgres_server, tmp_path, budget, budget)
+    try:
+        rows = await wait_until(lambda: _rows_when(pg, streams[0], 3), timeout_s=60)
+        for name in streams[1:]:
+            assert await wait_until(lambda name=name: _rows_when(pg, name, 20), timeout_s=60)
+        peak_inflight = await _metric(port, "dsgw_sink_inflight_peak_bytes")
+    finally:
+        sink.stop()
+    assert [json.loads(r["payload"])["n"] for r in rows] == ["before", "big", "after"]
+    # The big entry went alone: the peak is that entry, not the entry plus others.
+    assert 200 * 1024 < peak_inflight < 200 * 1024 + 1024
 
 
 async def test_one_stuck_shard_makes_the_sink_unhealthy_and_names_it(
@@ -108,6 +193,13 @@ async def test_one_stuck_shard_makes_the_sink_unhealthy_and_names_it(
 
         body = await wait_until(unhealthy, timeout_s=20)
         assert body == {"status": "unhealthy", "stalled_shards": [shard_of(stuck)]}
+        # Prometheus gets the count, not a series per shard (bounded cardinality).
+        assert await _metric(port, "dsgw_sink_stalled_shards") == 1
+        async with httpx.AsyncClient(timeout=5) as client:
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+        sink_lines = [line for line in text.splitlines() if line.startswith("dsgw_sink_")]
+        assert sink_lines and not [line for line in sink_lines if "shard=" in line]
+        assert await _metric(port, "dsgw_sink_lag_seconds_count") >= 1  # the fine stream's row
         await pg.execute(f"DROP TRIGGER {function} ON session_events")
         assert await wait_until(lambda: _rows_when(pg, stuck, 1), timeout_s=20)
 
