@@ -15,8 +15,8 @@ class WorkerSettings:
     database_url: str = ""
     # Entries per sink batch (one Postgres transaction).
     sink_batch: int = 2000
-    # Bytes per sink batch: a batch ends with the entry that reaches this, so
-    # a sink holds about this much (plus one entry) however big messages are.
+    # Bytes per sink batch: a batch ends before the entry that would pass
+    # this (an entry bigger than this goes alone), however big messages are.
     sink_batch_bytes: int = 16 * 1024 * 1024
     # The longest an idle shard's feed waits between two reads: the bound on
     # how late the sink notices the first append to an idle shard.
