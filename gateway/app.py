@@ -33,6 +33,7 @@ from .routes import STREAM_PREFIX, StreamRoutes
 from .settings import Settings
 from .shard_stats import shard_stats_forever
 from .store import Store
+from .stores import configured_store
 from .subscriptions.service import SubscriptionService
 from .sweeper import sweep_forks_forever
 from .tiering.history import History
@@ -107,14 +108,7 @@ class Gateway:
             raise
         self.target = target
         self.redis = target.client
-        self.store = Store(
-            target.mux,
-            publish_command=target.publish_command,
-            sink_filter=s.sink_filter,
-            max_producers=s.max_producers_per_stream,
-            producer_idle_s=s.producer_idle_s,
-            tiered=s.retention_enabled,
-        )
+        self.store = configured_store(target.mux, target.publish_command, s)
         if s.history_database_url:
             # Connects on the first cold read: no Postgres needed to start.
             self.store.history = History(

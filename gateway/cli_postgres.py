@@ -58,13 +58,11 @@ def publish(
 
 async def _create_json_stream(name: str) -> None:
     from .settings import Settings
-    from .store import Store
+    from .stores import configured_store
 
     target = await connect_redis()
     try:
-        store = Store(
-            target.mux, publish_command=target.publish_command, sink_filter=Settings.from_env().sink_filter
-        )
+        store = configured_store(target.mux, target.publish_command, Settings.from_env())
         await store.create_json_stream(name)
     finally:
         await target.close()

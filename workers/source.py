@@ -49,6 +49,7 @@ from gateway.keys import stream_keys
 from gateway.protocol import JSON_MEDIA_TYPE, ProblemError
 from gateway.store import Store
 from gateway.store_model import WriteOutcome
+from gateway.stores import configured_store
 
 from .process import Backoff, Health
 from .settings import WorkerSettings
@@ -465,9 +466,7 @@ async def run_source(settings: WorkerSettings) -> None:
         await target.close()
         raise
     # The gateways' live readers listen with SSUBSCRIBE on Redis 7: publish the same way.
-    store = Store(
-        target.mux, publish_command=target.publish_command, sink_filter=Settings.from_env().sink_filter
-    )
+    store = configured_store(target.mux, target.publish_command, Settings.from_env())
     try:
         await serve_until_stopped(SourceWorker(settings, store), settings)
     finally:

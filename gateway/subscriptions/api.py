@@ -77,7 +77,7 @@ class SubscriptionRoutes:
                 await self._authorize(request, "manage", sub_id)
                 created, record = await subs.create(sub_id, await _json(request))
                 return json_reply(201 if created else 200, record)
-            _allow(method, "DELETE")
+            _allow(method, "DELETE", also="GET, PUT")
             await self._authorize(request, "manage", sub_id)
             await subs.delete(sub_id)
             return Reply(204)
@@ -113,9 +113,12 @@ class SubscriptionRoutes:
             raise auth.forbidden(operation, name)
 
 
-def _allow(method: str, allowed: str) -> None:
+def _allow(method: str, allowed: str, also: str = "") -> None:
+    """405 unless `method` is `allowed`; `Allow` lists it and the methods the
+    caller already handled (`also`)."""
     if method != allowed:
-        raise ProblemError(405, "Method not allowed", headers={"allow": allowed})
+        listed = f"{also}, {allowed}" if also else allowed
+        raise ProblemError(405, "Method not allowed", headers={"allow": listed})
 
 
 def _bearer(request: StreamRequest) -> str | None:
