@@ -257,6 +257,23 @@ def test_control_paths_are_never_streams(pair, http):
     assert res.status_code == 400
 
 
+def explicit_pull_setup(
+    gw: GatewayProcess, http: httpx.Client, prefix: str, *, create_stream: bool = True
+) -> tuple[str, str, str]:
+    """A pull-wake subscription linked explicitly to one stream, created empty
+    first (or not yet: then created later, after the link)."""
+    tag = uuid.uuid4().hex[:8]
+    sub, wake, stream = f"{prefix}-{tag}", f"wake-{tag}", f"{prefix}-{tag}/s"
+    for path in (wake, stream) if create_stream else (wake,):
+        assert (
+            http.put(url(gw, path), content=b"[]", headers={"content-type": "application/json"}).status_code
+            == 201
+        )
+    body = {"type": "pull-wake", "streams": [stream], "wake_stream": wake}
+    assert http.put(url(gw, f"__ds/subscriptions/{sub}"), json=body).status_code == 201
+    return sub, wake, stream
+
+
 def append_unannounced(
     gw: GatewayProcess, http: httpx.Client, rc: redis.Redis, stream: str, sub: str
 ) -> None:
@@ -278,12 +295,7 @@ def test_a_wake_is_not_lost_when_the_dispatcher_dies_after_taking_it(tmp_path, h
     rc = redis.Redis.from_url(server.url)
     slow = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SUBSCRIPTIONS_FULL_POLL_MS="3600000"))
     try:
-        tag = uuid.uuid4().hex[:8]
-        sub, wake, stream = f"lost-{tag}", f"wake-{tag}", f"lost-{tag}/s"
-        http.put(url(slow, wake), content=b"[]", headers={"content-type": "application/json"})
-        http.put(url(slow, stream), content=b"[]", headers={"content-type": "application/json"})
-        body = {"type": "pull-wake", "streams": [stream], "wake_stream": wake}
-        http.put(url(slow, f"__ds/subscriptions/{sub}"), json=body)
+        sub, wake, stream = explicit_pull_setup(slow, http, "lost")
         append_unannounced(slow, http, rc, stream, sub)
         queue = keys.stream_keys(stream).wakes
         # A dispatcher takes the entry (re-scored 2 s ahead) and dies before telling anyone.
@@ -311,11 +323,7 @@ def test_appends_wake_through_the_wake_channel_long_before_the_full_poll(tmp_pat
     server = start_redis(tmp_path / "redis", persistent=False)
     gw = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SUBSCRIPTIONS_FULL_POLL_MS="60000"))
     try:
-        tag = uuid.uuid4().hex[:8]
-        sub, wake, stream = f"chan-{tag}", f"wake-{tag}", f"chan-{tag}/s"
-        http.put(url(gw, wake), content=b"[]", headers={"content-type": "application/json"})
-        body = {"type": "pull-wake", "streams": [stream], "wake_stream": wake}
-        assert http.put(url(gw, f"__ds/subscriptions/{sub}"), json=body).status_code == 201
+        sub, wake, stream = explicit_pull_setup(gw, http, "chan", create_stream=False)
         # Created with a body after the link: create.lua queues and publishes.
         assert http.put(url(gw, stream), json={"n": 1}).status_code == 201
         first = wait_for(lambda: wake_events(gw, http, wake, sub), timeout_s=10)
@@ -340,12 +348,7 @@ def test_the_full_poll_finds_a_wake_whose_notification_was_lost(tmp_path, http):
     rc = redis.Redis.from_url(server.url)
     gw = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SUBSCRIPTIONS_FULL_POLL_MS="1000"))
     try:
-        tag = uuid.uuid4().hex[:8]
-        sub, wake, stream = f"unheard-{tag}", f"wake-{tag}", f"unheard-{tag}/s"
-        for path in (wake, stream):
-            http.put(url(gw, path), content=b"[]", headers={"content-type": "application/json"})
-        body = {"type": "pull-wake", "streams": [stream], "wake_stream": wake}
-        assert http.put(url(gw, f"__ds/subscriptions/{sub}"), json=body).status_code == 201
+        sub, wake, stream = explicit_pull_setup(gw, http, "unheard")
         append_unannounced(gw, http, rc, stream, sub)
         events = wait_for(lambda: wake_events(gw, http, wake, sub))
         assert events[0]["stream"] == stream
