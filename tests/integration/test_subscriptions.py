@@ -359,6 +359,25 @@ def test_the_full_poll_finds_a_wake_whose_notification_was_lost(tmp_path, http):
         server.stop()
 
 
+def test_a_pubsub_reconnect_polls_every_queue(tmp_path, http):
+    """Notifications published while the pub/sub connection is down are lost:
+    when the hub is back it bumps every channel, and the dispatcher polls
+    every queue then, not a minute later at its next full round."""
+    server = start_redis(tmp_path / "redis", persistent=False)
+    rc = redis.Redis.from_url(server.url)
+    gw = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SUBSCRIPTIONS_FULL_POLL_MS="60000"))
+    try:
+        sub, wake, stream = explicit_pull_setup(gw, http, "reconn")
+        append_unannounced(gw, http, rc, stream, sub)
+        assert rc.client_kill_filter(_type="pubsub") >= 1
+        events = wait_for(lambda: wake_events(gw, http, wake, sub), timeout_s=10)
+        assert events[0]["stream"] == stream
+    finally:
+        gw.stop()
+        rc.close()
+        server.stop()
+
+
 def test_failed_webhook_deliveries_back_off_on_a_schedule_kept_in_redis(pair, http, rc):
     a, _ = pair
     tag = uuid.uuid4().hex[:8]
