@@ -5,6 +5,7 @@ condition, never a fixed sleep."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -287,14 +288,29 @@ def append_unannounced(
     rc.zadd(sk.wakes, {stream: int(time.time() * 1000)})
 
 
-def test_a_wake_is_not_lost_when_the_dispatcher_dies_after_taking_it(tmp_path, http):
-    # A Redis of its own: no other gateway's dispatcher may touch the queue. The
-    # first gateway's dispatcher polls every queue once an hour and hears no
-    # notification of this wake, which only this test and a second gateway touch.
+@contextlib.contextmanager
+def lone_gateway(tmp_path: Any, full_poll_ms: int) -> Iterator[tuple[Any, redis.Redis, GatewayProcess]]:
+    """A Redis of its own (no other gateway's dispatcher touches its wake
+    queues) and one gateway on it that polls every queue every `full_poll_ms`."""
     server = start_redis(tmp_path / "redis", persistent=False)
     rc = redis.Redis.from_url(server.url)
-    slow = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SUBSCRIPTIONS_FULL_POLL_MS="3600000"))
+    gw: GatewayProcess | None = None
     try:
+        gw = start_gateway(
+            server.url, tmp_path, **dict(ENV, DSGW_SUBSCRIPTIONS_FULL_POLL_MS=str(full_poll_ms))
+        )
+        yield server, rc, gw
+    finally:
+        if gw is not None:
+            gw.stop()
+        rc.close()
+        server.stop()
+
+
+def test_a_wake_is_not_lost_when_the_dispatcher_dies_after_taking_it(tmp_path, http):
+    # The first gateway's dispatcher polls every queue once an hour and hears no
+    # notification of this wake, which only this test and a second gateway touch.
+    with lone_gateway(tmp_path, 3_600_000) as (server, rc, slow):
         sub, wake, stream = explicit_pull_setup(slow, http, "lost")
         append_unannounced(slow, http, rc, stream, sub)
         queue = keys.stream_keys(stream).wakes
@@ -310,19 +326,13 @@ def test_a_wake_is_not_lost_when_the_dispatcher_dies_after_taking_it(tmp_path, h
             wait_for(lambda: rc.zscore(queue, stream) is None)
         finally:
             other.stop()
-    finally:
-        slow.stop()
-        rc.close()
-        server.stop()
 
 
 def test_appends_wake_through_the_wake_channel_long_before_the_full_poll(tmp_path, http):
     """append.lua and create.lua publish on the shard's wake channel: the
     dispatcher polls that shard at once, though its round over every queue
     comes only once a minute here (after the one at start)."""
-    server = start_redis(tmp_path / "redis", persistent=False)
-    gw = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SUBSCRIPTIONS_FULL_POLL_MS="60000"))
-    try:
+    with lone_gateway(tmp_path, 60_000) as (_, _, gw):
         sub, wake, stream = explicit_pull_setup(gw, http, "chan", create_stream=False)
         # Created with a body after the link: create.lua queues and publishes.
         assert http.put(url(gw, stream), json={"n": 1}).status_code == 201
@@ -338,44 +348,27 @@ def test_appends_wake_through_the_wake_channel_long_before_the_full_poll(tmp_pat
             timeout_s=10,
         )
         assert later[0]["stream"] == stream
-    finally:
-        gw.stop()
-        server.stop()
 
 
 def test_the_full_poll_finds_a_wake_whose_notification_was_lost(tmp_path, http):
-    server = start_redis(tmp_path / "redis", persistent=False)
-    rc = redis.Redis.from_url(server.url)
-    gw = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SUBSCRIPTIONS_FULL_POLL_MS="1000"))
-    try:
+    with lone_gateway(tmp_path, 1000) as (_, rc, gw):
         sub, wake, stream = explicit_pull_setup(gw, http, "unheard")
         append_unannounced(gw, http, rc, stream, sub)
         events = wait_for(lambda: wake_events(gw, http, wake, sub))
         assert events[0]["stream"] == stream
         wait_for(lambda: rc.zscore(keys.stream_keys(stream).wakes, stream) is None)
-    finally:
-        gw.stop()
-        rc.close()
-        server.stop()
 
 
 def test_a_pubsub_reconnect_polls_every_queue(tmp_path, http):
     """Notifications published while the pub/sub connection is down are lost:
     when the hub is back it bumps every channel, and the dispatcher polls
     every queue then, not a minute later at its next full round."""
-    server = start_redis(tmp_path / "redis", persistent=False)
-    rc = redis.Redis.from_url(server.url)
-    gw = start_gateway(server.url, tmp_path, **dict(ENV, DSGW_SUBSCRIPTIONS_FULL_POLL_MS="60000"))
-    try:
+    with lone_gateway(tmp_path, 60_000) as (_, rc, gw):
         sub, wake, stream = explicit_pull_setup(gw, http, "reconn")
         append_unannounced(gw, http, rc, stream, sub)
         assert rc.client_kill_filter(_type="pubsub") >= 1
         events = wait_for(lambda: wake_events(gw, http, wake, sub), timeout_s=10)
         assert events[0]["stream"] == stream
-    finally:
-        gw.stop()
-        rc.close()
-        server.stop()
 
 
 def test_failed_webhook_deliveries_back_off_on_a_schedule_kept_in_redis(pair, http, rc):
