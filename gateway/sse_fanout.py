@@ -180,12 +180,13 @@ class Fanout:
                 stream.watch.unlisten(stream)
 
     def _deliver(self, stream: _Stream, position: EntryId, result: ReadResult) -> None:
-        if not result.count:
-            return  # a notification without new data here (a write elsewhere in the stream's life)
         if result.closed_at_end or not result.up_to_date:
-            # The end of the stream, or more to catch up on: the reader's own loop.
+            # The end of the stream (closed, with or without new data), or more
+            # to catch up on: the reader's own loop.
             self._hand_back(stream, position)
             return
+        if not result.count:
+            return  # a notification without new data here (a write elsewhere in the stream's life)
         readers = stream.parked.pop(position, None)
         if not readers:
             return

@@ -81,9 +81,38 @@ def test_resting_readers_get_every_message_once_in_order(gateway, unique):
     assert metric(gateway, "dsgw_sse_direct_events_total") > direct_before
     httpx.post(url, headers={"stream-closed": "true", "content-type": "application/json"})
     for reader in readers:
-        reader.join(10)
+        reader.join(30)
         assert reader.ended
         assert reader.controls[-1].get("streamClosed") is True
+
+
+def test_resting_readers_learn_of_a_close_at_once(redis_server, tmp_path, unique):
+    """A close without data, while every reader rests: they end now, not at
+    their next keep-alive (60 s here, far past the test's wait)."""
+    gw = start_gateway(redis_server.url, tmp_path, DSGW_SSE_KEEPALIVE_MS="60000")
+    try:
+        url = gw.stream_url(unique)
+        tail = httpx.put(url, headers={"content-type": "application/json"}).headers["stream-next-offset"]
+        readers = [SseReader(url, tail) for _ in range(5)]
+        for reader in readers:
+            reader.start()
+        wait_for(lambda: all(r.controls for r in readers))
+        # Append until one message reached every reader through the pump: then all rest.
+        for n in range(20):
+            before = metric(gw, "dsgw_sse_direct_events_total")
+            assert httpx.post(url, json=[{"n": n}]).status_code == 204
+            wait_for(lambda n=n: all(len(r.messages) == n + 1 for r in readers))
+            if metric(gw, "dsgw_sse_direct_events_total") - before == len(readers):
+                break
+        else:
+            raise AssertionError("the readers never all rested")
+        httpx.post(url, headers={"stream-closed": "true", "content-type": "application/json"})
+        for reader in readers:
+            reader.join(15)
+            assert reader.ended
+            assert reader.controls[-1].get("streamClosed") is True
+    finally:
+        gw.stop()
 
 
 def test_readers_at_different_offsets_each_get_their_own_continuation(gateway, unique):
