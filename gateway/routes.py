@@ -67,10 +67,12 @@ class StreamRoutes:
     async def handle(self, request: StreamRequest, send: Send, extra: Headers) -> int:
         """Answer one request; returns the status sent."""
         method = request.method
-        if request.name.startswith(RESERVED_ROOT) and self.gw.subscriptions is not None:
-            # The protocol's control APIs (__ds/...) come before any stream name.
-            if request.name == RESERVED_ROOT or request.name.startswith(RESERVED_ROOT + "/"):
-                return await self.gw.subscriptions.routes.handle(request, send, extra)
+        # The protocol's control APIs (__ds/...) come before any stream name.
+        name = request.name
+        if self.gw.subscriptions is not None and (
+            name == RESERVED_ROOT or name.startswith(RESERVED_ROOT + "/")
+        ):
+            return await self.gw.subscriptions.routes.handle(request, send, extra)
         try:
             name = stream_name(request.name)
             if self.guard is not None:
