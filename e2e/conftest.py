@@ -24,9 +24,13 @@ STACK_ENV = {
 }
 
 
+def start_session_stack() -> stack_module.Stack:
+    return stack_module.up(redis_mode="cluster", replicas=3, env=STACK_ENV)
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[stack_module.Stack]:
-    running = stack_module.up(redis_mode="cluster", replicas=3, env=STACK_ENV)
+    running = start_session_stack()
     try:
         yield running
     finally:

@@ -18,6 +18,7 @@ import httpx
 from e2e import stack as stack_module
 from e2e.bench_fanout import measure, report
 from e2e.conformance import EXPECTED_TESTS, run_suite
+from e2e.conftest import start_session_stack
 from tests.conftest import wait_until
 
 JSON = {"content-type": "application/json"}
@@ -372,3 +373,8 @@ def test_stack_down_stops_everything_it_started(stack):
     procs = list(stack.procs)
     stack_module.down()
     assert not any(stack_module.is_ours(p) for p in procs)
+    # Later files share the session's stack: start a fresh one in its place,
+    # which also shows that `up` works again after `down`.
+    vars(stack).update(vars(start_session_stack()))
+    with httpx.Client(base_url=stack.base_url, timeout=10) as client:
+        assert client.get("/readyz").status_code == 200
