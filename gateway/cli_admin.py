@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from .cli_support import CliError, connect_redis, masked, print_json, run_async
+from .cli_support import CliError, masked, print_json, run_async, with_redis
 
 # Merged into `dsgw` by gateway/cli.py (a Typer added without a name lends it its commands).
 commands = typer.Typer()
@@ -27,15 +27,10 @@ def reshard(
     from .reshard import ReshardError
     from .reshard import reshard as move
 
-    async def run():  # type: ignore[no-untyped-def]
-        target = await connect_redis()
-        try:
-            return await move(target.client, to, drop_feeds=drop_feeds, progress=typer.echo)
-        finally:
-            await target.close()
-
     try:
-        report = run_async(run())
+        report = with_redis(
+            lambda target: move(target.client, to, drop_feeds=drop_feeds, progress=typer.echo)
+        )
     except ReshardError as exc:
         raise CliError(str(exc)) from None
     typer.echo(

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from .cli_support import CliError, connect_redis, print_json, print_rows, run_async
+from .cli_support import CliError, print_json, print_rows, with_redis
 
 # Merged into `dsgw` by gateway/cli.py (a Typer added without a name lends it its commands).
 commands = typer.Typer()
@@ -20,14 +20,7 @@ def streams(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     """List the streams: name, content type, messages, bytes, closed, TTL (tab-separated when piped)."""
     from .inspect import list_streams
 
-    async def run() -> list[dict]:
-        target = await connect_redis()
-        try:
-            return await list_streams(target.client)
-        finally:
-            await target.close()
-
-    rows = run_async(run())
+    rows = with_redis(lambda target: list_streams(target.client))
     if as_json:
         print_json(rows)
         return
@@ -44,14 +37,7 @@ def subscriptions(as_json: bool = typer.Option(False, "--json", help="Machine-re
     """List the subscriptions (issue 12): type, target, wake state, and each linked stream's cursor."""
     from .subscriptions.listing import list_subscriptions
 
-    async def run() -> list[dict]:
-        target = await connect_redis()
-        try:
-            return await list_subscriptions(target.mux)
-        finally:
-            await target.close()
-
-    rows = run_async(run())
+    rows = with_redis(lambda target: list_subscriptions(target.mux))
     if as_json:
         print_json(rows)
         return
@@ -86,14 +72,7 @@ def info(
     """A stream's state: metadata, producers (epoch, seq), forks, sink lag, Redis keys."""
     from .inspect import stream_info
 
-    async def run() -> dict | None:
-        target = await connect_redis()
-        try:
-            return await stream_info(target.client, name)
-        finally:
-            await target.close()
-
-    data = run_async(run())
+    data = with_redis(lambda target: stream_info(target.client, name))
     if data is None:
         raise CliError(f"no stream named {name}")
     if as_json:
@@ -156,12 +135,8 @@ def tail(
     if lines is not None and from_offset != "-1":
         raise typer.BadParameter("use either -n or --from, not both", param_hint="-n")
 
-    async def run() -> None:
-        target = await connect_redis()
-        try:
-            async for message in read_tail(target, name, start, follow=follow, last=lines):
-                typer.echo(message.ndjson() if as_json else f"{message.offset}  {message.text}")
-        finally:
-            await target.close()
+    async def print_messages(target: Any) -> None:
+        async for message in read_tail(target, name, start, follow=follow, last=lines):
+            typer.echo(message.ndjson() if as_json else f"{message.offset}  {message.text}")
 
-    run_async(run())
+    with_redis(print_messages)

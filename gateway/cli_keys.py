@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from .cli_support import CliError, connect_redis, run_async
+from .cli_support import CliError, with_redis
 
 # Merged into `dsgw` by gateway/cli.py (a Typer added without a name lends it its commands).
 commands = typer.Typer()
@@ -31,12 +31,7 @@ def rotate_keys_command(
     if publish_ahead <= refresh_s:
         raise CliError(f"--publish-ahead must exceed DSGW_WEBHOOK_KEYS_REFRESH_S ({refresh_s} s)")
 
-    async def run():  # type: ignore[no-untyped-def]
-        target = await connect_redis()
-        try:
-            return await rotate_keys(target.client, which, publish_ahead_s=publish_ahead, keep_s=keep)
-        finally:
-            await target.close()
-
-    key = run_async(run())
+    key = with_redis(
+        lambda target: rotate_keys(target.client, which, publish_ahead_s=publish_ahead, keep_s=keep)
+    )
     typer.echo(f"{which} key {key.kid} added; it signs from {key.active_from} (unix time)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import typer
@@ -77,6 +77,19 @@ async def connect_redis():  # type: ignore[no-untyped-def]
     from .redis_client import connect
 
     return await connect(redis_url(), max_connections=8, name=f"dsgw-cli-{os.getpid()}")
+
+
+def with_redis(use: Callable[[Any], Awaitable[T]]) -> T:
+    """`use(target)` on a fresh Redis connection, closed afterwards; failures as for run_async."""
+
+    async def run() -> T:
+        target = await connect_redis()
+        try:
+            return await use(target)
+        finally:
+            await target.close()
+
+    return run_async(run())
 
 
 async def connect_postgres():  # type: ignore[no-untyped-def]
