@@ -70,6 +70,21 @@ def pull_setup(gw: GatewayProcess, http: httpx.Client, ttl_ms: int = 30_000) -> 
     return sub, wake, stream
 
 
+def woken_pull(
+    http: httpx.Client,
+    gw: GatewayProcess,
+    append_on: GatewayProcess | None = None,
+    seen_on: GatewayProcess | None = None,
+    ttl_ms: int = 30_000,
+) -> tuple[str, str, str]:
+    """pull_setup on `gw`, one append to the linked stream (through `append_on`),
+    and its wake event seen on the wake stream (through `seen_on`)."""
+    sub, wake, stream = pull_setup(gw, http, ttl_ms=ttl_ms)
+    http.put(url(append_on or gw, stream), json={"n": 1})
+    wait_for(lambda: wake_events(seen_on or gw, http, wake, sub))
+    return sub, wake, stream
+
+
 def wake_events(gw: GatewayProcess, http: httpx.Client, wake: str, sub: str) -> list[dict[str, Any]]:
     return [e for e in http.get(url(gw, wake)).json() if e.get("subscription_id") == sub]
 
@@ -86,9 +101,7 @@ def ack(gw, http, sub, claimed, acks, done=True, action="ack") -> httpx.Response
 
 def test_a_claim_on_one_replica_is_seen_on_the_other(pair, http):
     a, b = pair
-    sub, wake, stream = pull_setup(a, http)
-    http.put(url(b, stream), json={"n": 1})  # created with a body on B: counts as an append
-    wait_for(lambda: wake_events(a, http, wake, sub))
+    sub, wake, stream = woken_pull(http, a, append_on=b)  # created with a body on B: counts as an append
     first = claim(a, http, sub, "worker-a")
     assert first.status_code == 200
     claimed = first.json()
@@ -110,9 +123,7 @@ def test_a_claim_on_one_replica_is_seen_on_the_other(pair, http):
 
 def test_stale_acks_are_fenced_and_heartbeats_extend_the_lease(pair, http):
     a, b = pair
-    sub, wake, stream = pull_setup(a, http)
-    http.put(url(a, stream), json={"n": 1})
-    wait_for(lambda: wake_events(b, http, wake, sub))
+    sub, wake, stream = woken_pull(http, a, seen_on=b)
     claimed = claim(b, http, sub, "w").json()
     heartbeat = ack(a, http, sub, claimed, [], done=False)
     assert heartbeat.json() == {"ok": True, "next_wake": False}
@@ -130,9 +141,7 @@ def test_stale_acks_are_fenced_and_heartbeats_extend_the_lease(pair, http):
 
 def test_acks_are_checked_against_cursor_and_tail(pair, http):
     a, _ = pair
-    sub, wake, stream = pull_setup(a, http)
-    http.put(url(a, stream), json={"n": 1})
-    wait_for(lambda: wake_events(a, http, wake, sub))
+    sub, wake, stream = woken_pull(http, a)
     claimed = claim(a, http, sub, "w").json()
     beyond = ack(a, http, sub, claimed, [{"stream": stream, "offset": "9999999999999999_0000000000000000"}])
     assert (beyond.status_code, beyond.json()["error"]["code"]) == (409, "INVALID_OFFSET")
@@ -146,9 +155,7 @@ def test_acks_are_checked_against_cursor_and_tail(pair, http):
 
 def test_an_expired_lease_fences_its_holder_and_wakes_again(pair, http):
     a, b = pair
-    sub, wake, stream = pull_setup(a, http, ttl_ms=1000)
-    http.put(url(a, stream), json={"n": 1})
-    wait_for(lambda: wake_events(a, http, wake, sub))
+    sub, wake, stream = woken_pull(http, a, ttl_ms=1000)
     claimed = claim(a, http, sub, "slow-worker").json()
     # Nobody acks: the lease runs out, a replica's timer clears the holder and,
     # work still pending, writes a new wake (next generation) to the wake stream.
@@ -165,9 +172,7 @@ def test_an_expired_lease_fences_its_holder_and_wakes_again(pair, http):
 
 def test_release_wakes_again_while_work_is_pending(pair, http):
     a, b = pair
-    sub, wake, stream = pull_setup(a, http)
-    http.put(url(a, stream), json={"n": 1})
-    wait_for(lambda: wake_events(a, http, wake, sub))
+    sub, wake, stream = woken_pull(http, a)
     claimed = claim(a, http, sub, "w").json()
     released = ack(b, http, sub, claimed, [], action="release")
     assert released.status_code == 204
@@ -393,9 +398,7 @@ def test_failed_webhook_deliveries_back_off_on_a_schedule_kept_in_redis(pair, ht
 
 def test_dsgw_subscriptions_lists_cursors_and_wake_state(pair, http, redis_server):
     a, _ = pair
-    sub, wake, stream = pull_setup(a, http)
-    http.put(url(a, stream), json={"n": 1})
-    wait_for(lambda: wake_events(a, http, wake, sub))
+    sub, wake, stream = woken_pull(http, a)
     claim(a, http, sub, "lister")
     out = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "subscriptions", "--json"],
@@ -412,9 +415,7 @@ def test_dsgw_subscriptions_lists_cursors_and_wake_state(pair, http, redis_serve
 
 def test_metrics_count_deliveries_claims_and_subscriptions(pair, http):
     a, _ = pair
-    sub, wake, stream = pull_setup(a, http)
-    http.put(url(a, stream), json={"n": 1})
-    wait_for(lambda: wake_events(a, http, wake, sub))
+    sub, wake, stream = woken_pull(http, a)
     claim(a, http, sub, "w")
 
     def metric(text: str, name: str) -> float:
