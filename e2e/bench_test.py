@@ -149,6 +149,8 @@ def test_a_tiny_run_measures_every_scenario_on_both_servers(tmp_path: Path) -> N
     assert len(per_pid) >= 3 and sum(per_pid.values()) > 0
     assert all(r["wrongReads"] == 0 for pair in results["catchup"].values() for r in pair.values())
     assert len(results["scale"]) == 2
+    # Every scenario started on a freshly rewritten AOF, and says how many rewrites ran during it.
+    assert set(results["aofRewritesDuring"]) == {"a", "b", "c", "d", "e", "f"}
     table = {(row["scenario"], row["metric"]): row for row in report["table"]}
     # Correctness holds on both servers, whatever the speed.
     for (_, metric), row in table.items():

@@ -57,7 +57,7 @@ from gateway.redis_client import reset_after
 
 from .process import Backoff, Health
 from .settings import WorkerSettings
-from .sink_poll import GROUP, LAG, SINK_READ, FeedEntry, ShardPoller, feed_entries
+from .sink_poll import GROUP, LAG, SINK_READ, Batch, FeedEntry, ShardPoller, feed_entries
 from .tiering import HISTORY_ROWS, HistoryRow, Trimmer, history_rows, last_id
 
 __all__ = [
@@ -135,10 +135,17 @@ INSERT_REJECTED = (
 
 Row = tuple[str, str | None, str | None, str | None, str, str, datetime]
 
+
 # Errors that retrying cannot fix: the data itself is refused (by Postgres,
 # e.g. a \u0000 or a lone surrogate escape in jsonb, a key too long for an
 # index, a feed entry whose IDs and messages do not pair up; or by the
 # driver, e.g. a string it cannot encode).
+def is_unavailable(exc: asyncpg.PostgresError) -> bool:
+    """Postgres is going away, starting, or out of resources (SQLSTATE classes
+    08, 53, 57, 58): not a refusal of any particular batch."""
+    return str(getattr(exc, "sqlstate", "") or "")[:2] in ("08", "53", "57", "58")
+
+
 DATA_ERRORS = (
     asyncpg.DataError,
     asyncpg.ProgramLimitExceededError,
@@ -191,7 +198,8 @@ EntryRecord = tuple[str, str, bytes]
 
 class SinkWorker:
     """The poller (workers/sink_poll.py) and DSGW_SINK_WRITERS writers, each
-    holding one Postgres connection and writing one shard's batch at a time."""
+    holding one Postgres connection and writing the batches queued when it
+    looks (one or several shards') in one transaction."""
 
     def __init__(self, settings: WorkerSettings, redis: aioredis.Redis, pool: asyncpg.Pool) -> None:
         self.settings = settings
@@ -225,40 +233,98 @@ class SinkWorker:
         log.info("sink stopped", extra={"fields": {"consumer": self.consumer}})
 
     async def _writer(self) -> None:
-        while (batch := await self.poller.batches.get()) is not None:
+        while (first := await self.poller.batches.get()) is not None:
+            batches, stopping = self._merge_queued(first)
             try:
-                lag_s = await self._process(batch.key, batch.entries)
-            except Exception as exc:
-                if isinstance(exc, RedisError | OSError):
-                    log.warning("sink cannot reach redis: %s: %s", type(exc).__name__, exc)
-                    await reset_after(self.redis, exc)
-                else:
-                    log.exception("sink shard %d failed", batch.shard)
-                self.poller.failed(batch)
-            else:
-                self.poller.written(batch, lag_s)
+                await self._handle(batches, retry=len(batches) == 1)
+            except asyncpg.PostgresError as exc:
+                # Postgres refused the merged batches, not for their data (those
+                # are set aside inside): find whose they are by writing each
+                # alone once, so the others go on; the refused ones are then
+                # retried in place, holding back only their own shards.
+                log.warning("sink cannot write merged batches: %s: %s; writing them one by one",
+                            type(exc).__name__, exc)  # fmt: skip
+                refused = []
+                for batch in batches:
+                    try:
+                        await self._handle([batch], retry=False)
+                    except asyncpg.PostgresError:
+                        refused.append(batch)
+                for batch in refused:
+                    await self._handle([batch], retry=True)
+            if stopping:
+                return
 
-    async def _process(self, key: str, entries: list[FeedEntry]) -> float:
-        """Write one batch and acknowledge it; its oldest entry's lag (seconds)."""
+    async def _handle(self, batches: list[Batch], *, retry: bool) -> None:
+        """Write and acknowledge `batches`, and tell the poller how it went.
+        Without `retry`, a refusal by the Postgres server (not about the data)
+        is raised, with nothing reported."""
+        try:
+            lags = await self._process(batches, retry=retry)
+        except asyncpg.PostgresError:
+            if not retry:
+                raise
+            lags = None  # unreachable: with retry, _process keeps trying
+        except Exception as exc:
+            if isinstance(exc, RedisError | OSError):
+                log.warning("sink cannot reach redis: %s: %s", type(exc).__name__, exc)
+                await reset_after(self.redis, exc)
+            else:
+                log.exception("sink shards %s failed", [batch.shard for batch in batches])
+            lags = None
+        if lags is None:
+            for batch in batches:
+                self.poller.failed(batch)
+            return
+        for batch, lag_s in zip(batches, lags, strict=True):
+            self.poller.written(batch, lag_s)
+
+    def _merge_queued(self, first: Batch) -> tuple[list[Batch], bool]:
+        """`first` and the batches already queued behind it, up to about one
+        batch's bounds (DSGW_SINK_BATCH entries, DSGW_SINK_BATCH_BYTES): with
+        many shards each read finds a few entries, and one transaction for all
+        of them costs what one costs for one. True if the end-of-work marker
+        was taken (this writer stops after these)."""
+        batches = [first]
+        entries, size = len(first.entries), first.size
+        queue = self.poller.batches
+        while (
+            not queue.empty() and entries < self.settings.sink_batch and size < self.settings.sink_batch_bytes
+        ):
+            batch = queue.get_nowait()
+            if batch is None:
+                return batches, True
+            batches.append(batch)
+            entries, size = entries + len(batch.entries), size + batch.size
+        return batches, False
+
+    async def _process(self, batches: list[Batch], *, retry: bool) -> list[float]:
+        """Write these batches (one or several shards) in one transaction and
+        acknowledge them; per batch, its oldest entry's lag (seconds). With
+        `retry`, go on trying while Postgres is down or refuses; without, a
+        refusal by the server is raised (an unreachable Postgres is still waited
+        for: it refuses everyone alike)."""
         readable: list[tuple[FeedEntry, EntryRecord]] = []
         unreadable: list[tuple[FeedEntry, str]] = []
-        # Tiered entries ('lens'): their stream_history rows, and per stream
-        # the newest entry ID this batch commits (for meta synced and trimming).
+        # Tiered entries ('lens'): their stream_history rows, and per shard
+        # feed and stream the newest entry ID this batch commits (for meta
+        # synced and trimming).
         history: list[HistoryRow] = []
-        synced: dict[str, tuple[bytes, bytes]] = {}
-        for entry in entries:
-            try:
-                tiered = b"lens" in entry.fields
-                rows = history_rows(entry.fields) if tiered else []
-                # A tiered entry of a stream outside DSGW_SINK_STREAMS carries
-                # 'data', not 'json': stream_history only.
-                if not tiered or b"json" in entry.fields:
-                    readable.append((entry, entry.record()))
-                if tiered:
-                    history.extend(rows)
-                    synced[rows[0][0]] = (entry.id, last_id(entry.fields))
-            except (KeyError, ValueError, UnicodeDecodeError) as exc:
-                unreadable.append((entry, f"{type(exc).__name__}: {exc}"))
+        synced: dict[str, dict[str, tuple[bytes, bytes]]] = {batch.key: {} for batch in batches}
+        for batch in batches:
+            for entry in batch.entries:
+                try:
+                    tiered = b"lens" in entry.fields
+                    rows = history_rows(entry.fields) if tiered else []
+                    # A tiered entry of a stream outside DSGW_SINK_STREAMS carries
+                    # 'data', not 'json': stream_history only.
+                    if not tiered or b"json" in entry.fields:
+                        readable.append((entry, entry.record()))
+                    if tiered:
+                        history.extend(rows)
+                        synced[batch.key][rows[0][0]] = (entry.id, last_id(entry.fields))
+                except (KeyError, ValueError, UnicodeDecodeError) as exc:
+                    unreadable.append((entry, f"{type(exc).__name__}: {exc}"))
         backoff = Backoff()
         while True:
             try:
@@ -269,20 +335,30 @@ class SinkWorker:
                 # reason other than its data: keep the batch, try again (the
                 # shard's /healthz turns 503 if this lasts). The entries stay
                 # pending, so a SIGTERM now loses nothing either.
+                if not retry and isinstance(exc, asyncpg.PostgresError) and not is_unavailable(exc):
+                    raise
                 log.warning("sink cannot write to postgres: %s: %s", type(exc).__name__, exc)
                 if self.stop.is_set():
-                    return 0.0  # not acknowledged: the entries stay pending
+                    return [0.0] * len(batches)  # not acknowledged: the entries stay pending
                 await backoff.wait(self.stop)
-        await self.redis.xack(key, GROUP, *[entry.id for entry in entries])
+        pipe = self.redis.pipeline(transaction=False)
+        for batch in batches:
+            pipe.xack(batch.key, GROUP, *[entry.id for entry in batch.entries])
+        for reply in await pipe.execute(raise_on_error=False):
+            if isinstance(reply, Exception):
+                raise reply  # not acknowledged: written again later, and the second write is nothing
         now = time.time()
-        lags = [max(0.0, now - parse_entry_id(entry.id)[0] / 1000) for entry, _ in readable]
-        for lag in lags:
-            LAG.observe(lag)
+        lags = [
+            max((now - parse_entry_id(entry.id)[0] / 1000 for entry in batch.entries), default=0.0)
+            for batch in batches
+        ]
+        for entry, _ in readable:
+            LAG.observe(max(0.0, now - parse_entry_id(entry.id)[0] / 1000))
         ROWS.inc(sum(entry.messages for entry, _ in readable))
         HISTORY_ROWS.inc(len(history))
         # Committed: now, and only now, Redis may let these entries go.
-        await self.trimmer.committed(key, synced)
-        return max(lags, default=0.0)
+        await self.trimmer.committed_many(list(synced.items()))
+        return [max(0.0, lag) for lag in lags]
 
     async def _write(
         self,

@@ -25,6 +25,7 @@ cardinality whatever the shard count).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from dataclasses import dataclass
@@ -120,6 +121,7 @@ class _ShardState:
     big: int = 0  # its next entry's bytes, when no read budget could hold it (TOOBIG)
     lag_s: float = 0.0  # its oldest entry's lag at its last commit
     pending: int = 0  # its entries delivered and not acknowledged, at its last trim
+    version: int = 0  # of its entry in the poller's ready heap (older entries are stale)
 
 
 @dataclass(slots=True)
@@ -165,7 +167,12 @@ class ShardPoller:
         self.last_progress = [time.monotonic()] * SHARDS
         self._wake = asyncio.Event()
         self._sink_read_sha = ""
-        self._start = 0  # the shard a round looks at first (rotates: no shard always last)
+        # (earliest read time, version, shard) of every shard that is not busy:
+        # a round looks only at the shards due, not at all of them.
+        self._ready: list[tuple[float, int, int]] = []
+        for shard in range(SHARDS):
+            self._schedule(shard)
+        self._big: set[int] = set()  # shards whose next entry is bigger than any read budget
         # Scrape-time aggregates: bounded cardinality, per-shard detail in /healthz.
         LAG_MAX.set_function(lambda: max(s.lag_s for s in self.shards))
         LAGGING.set_function(lambda: sum(1 for s in self.shards if s.lag_s > LAGGING_S))
@@ -177,6 +184,18 @@ class ShardPoller:
         limit = (self.settings.sink_stall_ms + self.settings.sink_block_ms) / 1000
         now = time.monotonic()
         return [shard for shard, at in enumerate(self.last_progress) if now - at >= limit]
+
+    def _schedule(self, shard: int) -> None:
+        """(Re)enter a shard that is not busy into the ready heap at its due
+        time; an idle shard may be read a quarter of its back-off early, so idle
+        shards share rounds instead of each costing a round of its own."""
+        state = self.shards[shard]
+        state.version += 1
+        heapq.heappush(self._ready, (state.due - max(ROUND_S, state.idle_s / 4), state.version, shard))
+
+    def _set_big(self, shard: int, size: int) -> None:
+        self.shards[shard].big = size
+        (self._big.add if size else self._big.discard)(shard)
 
     # -- what the writers report ---------------------------------------------
 
@@ -201,6 +220,7 @@ class ShardPoller:
 
     def _release(self, batch: Batch) -> None:
         self.shards[batch.shard].busy = False
+        self._schedule(batch.shard)
         self.inflight -= batch.size
         self._wake.set()
 
@@ -235,7 +255,8 @@ class ShardPoller:
         """True when no read can start before a writer frees bytes: too little
         room for a probe, or a big entry waiting for room (it goes first)."""
         room = self.budget - self.inflight
-        if any(s.big and not s.busy and s.big > room and self.inflight > 0 for s in self.shards):
+        shards = self.shards
+        if self.inflight > 0 and any(shards[i].big > room and not shards[i].busy for i in self._big):
             return True
         return room < min(PROBE_BYTES, self._read_budget(False)[1])
 
@@ -244,7 +265,12 @@ class ShardPoller:
         if self._blocked():
             due = now + self.settings.sink_block_ms / 1000  # a writer's wake comes first
         else:
-            due = min((s.due for s in self.shards if not s.busy), default=now + 1.0)
+            ready = self._ready
+            while ready and (
+                ready[0][1] != self.shards[ready[0][2]].version or self.shards[ready[0][2]].busy
+            ):
+                heapq.heappop(ready)  # stale
+            due = ready[0][0] if ready else now + 1.0
         # At least ROUND_S between rounds, so shards falling due one by one
         # share a round (one pipeline) instead of one round trip each.
         delay = min(max(due - now, ROUND_S), self.settings.sink_block_ms / 1000)
@@ -261,32 +287,41 @@ class ShardPoller:
         Shards waiting with a big entry go first, then shards that had
         entries, then idle ones; a big entry that does not fit yet stops the
         round, so the bytes freed by the writers go to it."""
-        order = [(self._start + i) % SHARDS for i in range(SHARDS)]
-        self._start = (self._start + 1) % SHARDS
         due = []
-        for shard in order:
-            state = self.shards[shard]
-            # An idle shard may be read a quarter of its back-off early: idle shards
-            # then share rounds instead of each costing a round of its own.
-            if not state.busy and state.due <= now + max(ROUND_S, state.idle_s / 4):
+        ready = self._ready
+        while ready and ready[0][0] <= now:
+            _, version, shard = heapq.heappop(ready)
+            if version == self.shards[shard].version and not self.shards[shard].busy:
                 due.append(shard)
         due.sort(key=lambda shard: (not self.shards[shard].big, not self.shards[shard].active))
         reads = []
+        # Shards that had entries share the room: with many of them (many
+        # shards, a few entries each) one round reads them all, instead of the
+        # first two reserving the whole budget and the rest waiting a round each.
+        active = sum(1 for shard in due if self.shards[shard].active)
+        share = max(PROBE_BYTES, (self.budget - self.inflight) // max(1, active))
+        full, probe = self._read_budget(True), self._read_budget(False)
         for shard in due:
             state = self.shards[shard]
             room = self.budget - self.inflight
-            entries, size = self._read_budget(state.active)
+            entries, size = full if state.active else probe
+            if state.active:
+                size = min(size, share)
             if state.big:
                 if state.big > room and self.inflight > 0:
                     break  # alone if it must: wait until the bytes in flight are written
                 size = max(state.big, min(size, room))
             else:
                 size = min(size, room)
-                if size < min(PROBE_BYTES, self._read_budget(False)[1]):
+                if size < min(PROBE_BYTES, probe[1]):
                     continue
             self.inflight += size
             reads.append((shard, entries, size, now >= state.claim_due))
         self.peak_inflight = max(self.peak_inflight, self.inflight)
+        taken = {shard for shard, *_ in reads}
+        for shard in due:
+            if shard not in taken:
+                self._schedule(shard)  # no room this round: due again at once
         return reads
 
     def _read_budget(self, full: bool) -> tuple[int, int]:
@@ -314,18 +349,27 @@ class ShardPoller:
             )  # fmt: skip
         except BaseException:
             self.inflight -= sum(size for _, _, size, _ in reads)  # nothing was read
+            for shard, *_ in reads:
+                self._schedule(shard)
             raise
         for (shard, _entries, size, claim), reply in zip(reads, replies, strict=True):
             self._after_read(shard, size, claim, reply, now)
 
     def _after_read(self, shard: int, reserved: int, claim: bool, reply: Any, now: float) -> None:
+        try:
+            self._handle_read(shard, reserved, claim, reply, now)
+        finally:
+            if not self.shards[shard].busy:
+                self._schedule(shard)  # read again at its (new) due time
+
+    def _handle_read(self, shard: int, reserved: int, claim: bool, reply: Any, now: float) -> None:
         state = self.shards[shard]
         self.inflight -= reserved  # the reservation becomes the batch's actual bytes, or nothing
         if isinstance(reply, Exception):
             if isinstance(reply, NoScriptError):
                 self._sink_read_sha = ""  # the node restarted or failed over: load it again
             elif str(reply).startswith("TOOBIG"):
-                state.big = int(str(reply).split()[1])  # read it alone, with a budget that fits it
+                self._set_big(shard, int(str(reply).split()[1]))  # read it alone, with a budget that fits it
             elif "NOGROUP" in str(reply):
                 state.group_ready = False  # the feed key was deleted: recreate the group
             else:
@@ -341,7 +385,7 @@ class ShardPoller:
                     "claimed stale entries", extra={"fields": {"feed": state.key, "count": len(entries)}}
                 )
         if entries:
-            state.big = 0
+            self._set_big(shard, 0)
             state.busy = state.active = True
             size = sum(entry.size for entry in entries)
             self.inflight += size
@@ -349,7 +393,7 @@ class ShardPoller:
             self.batches.put_nowait(Batch(shard, state.key, entries, size))
         elif not claim:
             state.active = False
-            state.big = 0
+            self._set_big(shard, 0)
             state.lag_s = 0.0
             state.idle_s = min(self.settings.sink_block_ms / 1000, max(IDLE_FIRST_S, state.idle_s * 2))
             state.due = now + state.idle_s

@@ -92,27 +92,50 @@ class Trimmer:
         self._waiting: dict[str, dict[str, tuple[bytes, bytes]]] = {}
 
     async def committed(self, feed: str, synced: dict[str, tuple[bytes, bytes]]) -> None:
-        """One shard's batch is committed: per stream, (feed entry ID, newest
-        entry ID). Record it and trim, one round trip for all streams.
+        await self.committed_many([(feed, synced)])
+
+    async def committed_many(self, batches: list[tuple[str, dict[str, tuple[bytes, bytes]]]]) -> None:
+        """Batches of one or several shards are committed: per shard feed and
+        stream, (feed entry ID, newest entry ID). Record them and trim, one
+        round trip for the feeds' pending summaries and one for all streams.
 
         Several sinks share a feed: an older feed entry of the same stream may
         still be pending with another consumer (not yet in Postgres). `synced`
         claims everything below it, so a stream is only recorded once every
         older feed entry is acknowledged; the others wait here until then
         (checked after the next batch of this shard, and by the sweep)."""
-        waiting = self._waiting.setdefault(feed, {})
-        waiting.update(synced)
-        if not waiting:
+        feeds = []
+        for feed, synced in batches:
+            waiting = self._waiting.setdefault(feed, {})
+            waiting.update(synced)
+            if waiting:
+                feeds.append(feed)
+        if not feeds:
             return
-        summary = await self.redis.xpending(feed, self.group)
-        oldest = parse_entry_id(summary["min"]) if summary and summary["pending"] else None
-        ready = {
-            name: ids for name, ids in waiting.items() if oldest is None or parse_entry_id(ids[0]) < oldest
-        }
-        await self._trim([(name, ids[1].decode()) for name, ids in ready.items()])
-        for name, ids in ready.items():
-            if waiting.get(name) == ids:  # not replaced by a newer batch meanwhile
-                del waiting[name]
+        pipe = self.redis.pipeline(transaction=False)
+        for feed in feeds:
+            pipe.xpending(feed, self.group)
+        summaries = await pipe.execute()
+        ready: list[tuple[str, dict[str, tuple[bytes, bytes]]]] = []
+        for feed, summary in zip(feeds, summaries, strict=True):
+            oldest = parse_entry_id(summary["min"]) if summary and summary["pending"] else None
+            waiting = self._waiting[feed]
+            ready.append(
+                (
+                    feed,
+                    {
+                        name: ids
+                        for name, ids in waiting.items()
+                        if oldest is None or parse_entry_id(ids[0]) < oldest
+                    },
+                )
+            )
+        await self._trim([(name, ids[1].decode()) for _, streams in ready for name, ids in streams.items()])
+        for feed, streams in ready:
+            waiting = self._waiting[feed]
+            for name, ids in streams.items():
+                if waiting.get(name) == ids:  # not replaced by a newer batch meanwhile
+                    del waiting[name]
 
     async def _trim(self, streams: list[tuple[str, str]]) -> None:
         if not streams:

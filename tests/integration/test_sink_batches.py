@@ -6,6 +6,7 @@ gateway and worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -159,60 +160,98 @@ async def test_an_entry_bigger_than_the_inflight_budget_is_read_alone(
     assert 200 * 1024 < peak_inflight < 200 * 1024 + 1024
 
 
-async def test_one_stuck_shard_makes_the_sink_unhealthy_and_names_it(
-    gateway, redis_server, postgres_server, pg, unique, tmp_path
-):
+def _two_shards(unique: str) -> tuple[str, str]:
     stuck, fine = f"{unique}-stuck", f"{unique}-fine"
     n = 0
     while shard_of(fine) == shard_of(stuck):
         n += 1
         fine = f"{unique}-fine{n}"
+    return stuck, fine
+
+
+@contextlib.asynccontextmanager
+async def refusing(pg, stream: str, unique: str):  # type: ignore[no-untyped-def]
+    """A real failure that is not about the data (so retried, not rejected):
+    a trigger that refuses this one stream's rows, until the block ends."""
     function = "refuse_" + unique.replace("-", "_")[-12:]
-    # A real failure that is not about the data (so retried, not rejected):
-    # a trigger that refuses this one stream's rows.
     await pg.execute(
         f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$"
-        f" BEGIN IF NEW.stream_name = '{stuck}' THEN RAISE EXCEPTION 'refused by {function}'; END IF;"
+        f" BEGIN IF NEW.stream_name = '{stream}' THEN RAISE EXCEPTION 'refused by {function}'; END IF;"
         " RETURN NEW; END $$"
     )
     await pg.execute(
         f"CREATE TRIGGER {function} BEFORE INSERT ON session_events FOR EACH ROW EXECUTE FUNCTION {function}()"
     )
-    port = free_port()
-    sink = start_worker(
-        "sink", redis_server.url, postgres_server.url, tmp_path, **FAST_CLAIM,
-        DSGW_SINK_STALL_MS="1000", DSGW_WORKER_METRICS_PORT=str(port),
-    )  # fmt: skip
     try:
+        yield function
+    finally:
+        await pg.execute(f"DROP TRIGGER IF EXISTS {function} ON session_events")
+        await pg.execute(f"DROP FUNCTION IF EXISTS {function}()")
+
+
+async def test_one_stuck_shard_makes_the_sink_unhealthy_and_names_it(
+    gateway, redis_server, postgres_server, pg, unique, tmp_path
+):
+    stuck, fine = _two_shards(unique)
+    port = free_port()
+    async with refusing(pg, stuck, unique) as function:
+        sink = start_worker(
+            "sink", redis_server.url, postgres_server.url, tmp_path, **FAST_CLAIM,
+            DSGW_SINK_STALL_MS="1000", DSGW_WORKER_METRICS_PORT=str(port),
+        )  # fmt: skip
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                for name in (stuck, fine):
+                    await client.put(gateway.stream_url(name), headers=JSON, content=b'[{"n":1}]')
+            assert await wait_until(lambda: _rows_when(pg, fine, 1))  # the other shards go on
+
+            async def unhealthy():  # type: ignore[no-untyped-def]
+                status, body = await _health(port)
+                return body if status == 503 else None
+
+            body = await wait_until(unhealthy, timeout_s=20)
+            assert body == {"status": "unhealthy", "stalled_shards": [shard_of(stuck)]}
+            # Prometheus gets the count, not a series per shard (bounded cardinality).
+            assert await _metric(port, "dsgw_sink_stalled_shards") == 1
+            async with httpx.AsyncClient(timeout=5) as client:
+                text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            sink_lines = [line for line in text.splitlines() if line.startswith("dsgw_sink_")]
+            assert sink_lines and not [line for line in sink_lines if "shard=" in line]
+            assert await _metric(port, "dsgw_sink_lag_seconds_count") >= 1  # the fine stream's row
+            await pg.execute(f"DROP TRIGGER {function} ON session_events")
+            assert await wait_until(lambda: _rows_when(pg, stuck, 1), timeout_s=20)
+
+            async def healthy():  # type: ignore[no-untyped-def]
+                return (await _health(port))[0] == 200
+
+            assert await wait_until(healthy, timeout_s=20)
+        finally:
+            sink.stop()
+
+
+async def test_a_refused_batch_merged_with_others_holds_back_only_its_own_shard(
+    gateway, redis_server, postgres_server, pg, unique, tmp_path
+):
+    """One writer, and both streams appended before the sink starts: its first
+    round reads both shards, and the writer merges their batches into one
+    transaction, which Postgres refuses. Written one by one, the fine shard's
+    batch goes through; the refused one is retried until the trigger goes."""
+    stuck, fine = _two_shards(unique)
+    async with refusing(pg, stuck, unique) as function:
         async with httpx.AsyncClient(timeout=10) as client:
             for name in (stuck, fine):
                 await client.put(gateway.stream_url(name), headers=JSON, content=b'[{"n":1}]')
-        assert await wait_until(lambda: _rows_when(pg, fine, 1))  # the other shards go on
-
-        async def unhealthy():  # type: ignore[no-untyped-def]
-            status, body = await _health(port)
-            return body if status == 503 else None
-
-        body = await wait_until(unhealthy, timeout_s=20)
-        assert body == {"status": "unhealthy", "stalled_shards": [shard_of(stuck)]}
-        # Prometheus gets the count, not a series per shard (bounded cardinality).
-        assert await _metric(port, "dsgw_sink_stalled_shards") == 1
-        async with httpx.AsyncClient(timeout=5) as client:
-            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-        sink_lines = [line for line in text.splitlines() if line.startswith("dsgw_sink_")]
-        assert sink_lines and not [line for line in sink_lines if "shard=" in line]
-        assert await _metric(port, "dsgw_sink_lag_seconds_count") >= 1  # the fine stream's row
-        await pg.execute(f"DROP TRIGGER {function} ON session_events")
-        assert await wait_until(lambda: _rows_when(pg, stuck, 1), timeout_s=20)
-
-        async def healthy():  # type: ignore[no-untyped-def]
-            return (await _health(port))[0] == 200
-
-        assert await wait_until(healthy, timeout_s=20)
-    finally:
-        sink.stop()
-        await pg.execute(f"DROP TRIGGER IF EXISTS {function} ON session_events")
-        await pg.execute(f"DROP FUNCTION IF EXISTS {function}()")
+        sink = start_worker(
+            "sink", redis_server.url, postgres_server.url, tmp_path, **FAST_CLAIM, DSGW_SINK_WRITERS="1"
+        )
+        try:
+            assert await wait_until(lambda: _rows_when(pg, fine, 1))
+            assert "writing them one by one" in sink.log_path.read_text()
+            assert await pg.fetchval("SELECT count(*) FROM session_events WHERE stream_name = $1", stuck) == 0
+            await pg.execute(f"DROP TRIGGER {function} ON session_events")
+            assert await wait_until(lambda: _rows_when(pg, stuck, 1), timeout_s=20)
+        finally:
+            sink.stop()
 
 
 async def test_operation_type_and_key_come_from_headers_too(
