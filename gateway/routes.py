@@ -74,7 +74,7 @@ class StreamRoutes:
         ):
             return await self.gw.subscriptions.routes.handle(request, send, extra)
         try:
-            name = stream_name(request.name)
+            name = stream_name(name)
             if self.guard is not None:
                 await self.guard(request, name)
             if method == "POST":

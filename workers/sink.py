@@ -261,18 +261,14 @@ class SinkWorker:
         is raised, with nothing reported."""
         try:
             lags = await self._process(batches, retry=retry)
-        except asyncpg.PostgresError:
-            if not retry:
-                raise
-            lags = None  # unreachable: with retry, _process keeps trying
         except Exception as exc:
+            if isinstance(exc, asyncpg.PostgresError) and not retry:
+                raise  # the caller writes these batches one by one
             if isinstance(exc, RedisError | OSError):
                 log.warning("sink cannot reach redis: %s: %s", type(exc).__name__, exc)
                 await reset_after(self.redis, exc)
             else:
                 log.exception("sink shards %s failed", [batch.shard for batch in batches])
-            lags = None
-        if lags is None:
             for batch in batches:
                 self.poller.failed(batch)
             return
@@ -348,17 +344,17 @@ class SinkWorker:
             if isinstance(reply, Exception):
                 raise reply  # not acknowledged: written again later, and the second write is nothing
         now = time.time()
-        lags = [
-            max((now - parse_entry_id(entry.id)[0] / 1000 for entry in batch.entries), default=0.0)
-            for batch in batches
-        ]
+
+        def lag(entry: FeedEntry) -> float:
+            return max(0.0, now - parse_entry_id(entry.id)[0] / 1000)
+
         for entry, _ in readable:
-            LAG.observe(max(0.0, now - parse_entry_id(entry.id)[0] / 1000))
+            LAG.observe(lag(entry))
         ROWS.inc(sum(entry.messages for entry, _ in readable))
         HISTORY_ROWS.inc(len(history))
         # Committed: now, and only now, Redis may let these entries go.
         await self.trimmer.committed_many(list(synced.items()))
-        return [max(0.0, lag) for lag in lags]
+        return [max(map(lag, batch.entries), default=0.0) for batch in batches]
 
     async def _write(
         self,

@@ -193,6 +193,11 @@ class ShardPoller:
         state.version += 1
         heapq.heappush(self._ready, (state.due - max(ROUND_S, state.idle_s / 4), state.version, shard))
 
+    def _current(self, entry: tuple[float, int, int]) -> bool:
+        """A heap entry still stands: its shard was not scheduled again since, nor taken."""
+        state = self.shards[entry[2]]
+        return entry[1] == state.version and not state.busy
+
     def _set_big(self, shard: int, size: int) -> None:
         self.shards[shard].big = size
         (self._big.add if size else self._big.discard)(shard)
@@ -266,10 +271,8 @@ class ShardPoller:
             due = now + self.settings.sink_block_ms / 1000  # a writer's wake comes first
         else:
             ready = self._ready
-            while ready and (
-                ready[0][1] != self.shards[ready[0][2]].version or self.shards[ready[0][2]].busy
-            ):
-                heapq.heappop(ready)  # stale
+            while ready and not self._current(ready[0]):
+                heapq.heappop(ready)
             due = ready[0][0] if ready else now + 1.0
         # At least ROUND_S between rounds, so shards falling due one by one
         # share a round (one pipeline) instead of one round trip each.
@@ -290,9 +293,9 @@ class ShardPoller:
         due = []
         ready = self._ready
         while ready and ready[0][0] <= now:
-            _, version, shard = heapq.heappop(ready)
-            if version == self.shards[shard].version and not self.shards[shard].busy:
-                due.append(shard)
+            entry = heapq.heappop(ready)
+            if self._current(entry):
+                due.append(entry[2])
         due.sort(key=lambda shard: (not self.shards[shard].big, not self.shards[shard].active))
         reads = []
         # Shards that had entries share the room: with many of them (many
