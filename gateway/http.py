@@ -8,6 +8,7 @@ our own protocol work; everything else (health, metrics) still uses them."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 from starlette.types import Receive, Scope, Send
@@ -60,10 +61,25 @@ class StreamRequest:
 
     async def body(self, limit: int) -> bytes:
         """The whole body; 413 past `limit` bytes (as declared, or as received)."""
+        chunks: list[bytes] = []
+        await self._receive_body(limit, chunks.append)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def declares_body(self) -> bool:
+        length = self._headers.get(b"content-length")
+        return (length is not None and length != b"0") or b"transfer-encoding" in self._headers
+
+    async def discard_body(self, limit: int) -> None:
+        """Read and drop a body the route has no use for (GET, HEAD, DELETE).
+        Left unread, it would make the server's close (Connection: close)
+        reset the connection, and the client lose the unsent tail of the
+        answer. 413 past `limit` bytes, as for a body that is kept."""
+        await self._receive_body(limit, lambda _chunk: None)
+
+    async def _receive_body(self, limit: int, keep: Callable[[bytes], object]) -> None:
         declared = self._headers.get(b"content-length")
         if declared is not None and len(declared) < 20 and declared.isdigit() and int(declared) > limit:
             raise ProblemError(413, "Body too large", f"at most {limit} bytes")
-        chunks: list[bytes] = []
         size = 0
         while True:
             message = await self.receive()
@@ -74,10 +90,9 @@ class StreamRequest:
                 size += len(chunk)
                 if size > limit:
                     raise ProblemError(413, "Body too large", f"at most {limit} bytes")
-                chunks.append(chunk)
+                keep(chunk)
             if not message.get("more_body", False):
-                break
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                return
 
 
 class Reply:

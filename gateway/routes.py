@@ -37,6 +37,8 @@ STREAM_PREFIX = "/v1/stream/"
 RESERVED_ROOT = "__ds"
 MAX_NAME_BYTES = 1024
 ALLOW = "GET, HEAD, PUT, POST, DELETE, OPTIONS"
+# Methods whose body, if a client sends one, is read and dropped (http.py discard_body).
+TAKES_NO_BODY = frozenset(("GET", "HEAD", "DELETE"))
 
 Producer = tuple[str, int, int]
 
@@ -77,6 +79,8 @@ class StreamRoutes:
             name = stream_name(name)
             if self.guard is not None:
                 await self.guard(request, name)
+            if method in TAKES_NO_BODY and request.declares_body():
+                await request.discard_body(self.settings.max_body_bytes)
             if method == "POST":
                 reply = await self.post(request, name)
             elif method == "GET":

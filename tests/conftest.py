@@ -86,6 +86,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """A Redis of the module's own. Every replica on a Redis serves every
+    subscription's deliveries and timers, so gateways started with other
+    subscription settings (DSGW_WEBHOOK_ALLOW_PRIVATE, ...) must not share one
+    with the session's `gateway` fixtures, which refuse loopback webhooks."""
+    server = start_redis(tmp_path_factory.mktemp("module-redis"), persistent=False)
+    yield server
+    server.stop()
+
+
 @dataclass
 class WorkerProcess:
     proc: subprocess.Popen

@@ -295,3 +295,64 @@ def test_too_many_messages_in_one_append_is_413_and_writes_nothing(gateway, http
     assert response.status_code == 413
     assert r.xlen(stream_keys(unique).data) == 0
     assert http.post(url, headers=JSON, content=b"[" + b",".join([b"0"] * 10_000) + b"]").status_code == 204
+
+
+def _raw_exchange(port: int, request: bytes, read_after_s: float) -> tuple[bytes, bytes]:
+    """Send `request` whole, wait, then read to EOF: (head, body). The wait lets
+    the server finish and close first, as a slow reader would."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        time.sleep(read_after_s)
+        received = bytearray()
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass  # what a close over unread request bytes does: the tail is lost
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
+def test_a_body_on_a_request_that_takes_none_does_not_cut_the_answer_short(gateway, http, unique, method):
+    """A request body the route does not read is read and dropped before the
+    answer: closing a socket with unread input makes the kernel reset it, and
+    the client loses whatever of the answer it has not received yet."""
+    url = f"{gateway.url}/v1/stream/{unique}"
+    assert http.put(url, headers={"content-type": "application/octet-stream"}).status_code == 201
+    big = b"x" * (300 * 1024)  # more than the client's receive buffer takes before it reads
+    assert (
+        http.post(url, headers={"content-type": "application/octet-stream"}, content=big).status_code == 204
+    )
+    unread = b"y" * (440 * 1024)
+    path = f"/v1/stream/{unique}?offset=-1" if method == "GET" else f"/v1/stream/{unique}"
+    request = (
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(unread)}\r\n\r\n"
+    ).encode() + unread
+    head, body = _raw_exchange(gateway.port, request, read_after_s=0.3)
+    status = int(head.split(b" ", 2)[1])
+    if method == "GET":
+        assert status == 200
+        assert body == big
+    else:
+        assert status == (200 if method == "HEAD" else 204)
+        assert body == b""
+    if method != "DELETE":
+        assert http.head(url).status_code == 200
+
+
+def test_a_body_past_the_limit_on_a_read_is_413(gateway, http, unique):
+    """The dropped body is bounded like a kept one: declared past
+    DSGW_MAX_BODY_BYTES (8 MiB by default), it is refused before any is read."""
+    url = f"{gateway.url}/v1/stream/{unique}"
+    assert http.put(url, headers={"content-type": "application/octet-stream"}).status_code == 201
+    request = (
+        f"GET /v1/stream/{unique}?offset=-1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Length: {8 * 1024 * 1024 + 1}\r\n\r\n"
+    ).encode()
+    head, body = _raw_exchange(gateway.port, request, read_after_s=0)
+    assert int(head.split(b" ", 2)[1]) == 413
+    assert json.loads(body)["title"] == "Body too large"

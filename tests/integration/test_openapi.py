@@ -68,23 +68,25 @@ RESERVED_EXAMPLES = 5
 
 
 @pytest.fixture(scope="module")
-def api_gateway(redis_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """Live reads end quickly here: the checker reads whole responses."""
+def api_gateway(module_redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """Live reads end quickly here: the checker reads whole responses. Its own
+    Redis: the session's gateways would take its webhook deliveries and refuse
+    the test's loopback receiver."""
     gw = start_gateway(
-        redis_server.url,
+        module_redis.url,
         tmp_path_factory.mktemp("gw-openapi"),
         DSGW_LONG_POLL_TIMEOUT_MS="200",
         DSGW_SSE_MAX_LIFETIME_MS="300",
         DSGW_WEBHOOK_ALLOW_PRIVATE="loopback",  # the webhook receiver of a test is on 127.0.0.1
     )
-    before = subscription_ids(redis_server.url)
+    before = subscription_ids(module_redis.url)
     yield gw
-    # Generated requests create subscriptions (some with broad patterns): the
-    # session's Redis outlives this module, so later tests must not inherit them.
+    # Generated requests create subscriptions (some with broad patterns): every
+    # one of them must still be deletable through the API.
     with httpx.Client(timeout=10) as client:
-        for sub_id in subscription_ids(redis_server.url) - before:
+        for sub_id in subscription_ids(module_redis.url) - before:
             client.delete(f"{gw.url}/v1/stream/__ds/subscriptions/{quote(sub_id, safe='')}")
-    left = subscription_ids(redis_server.url) - before
+    left = subscription_ids(module_redis.url) - before
     gw.stop()
     assert not left, f"subscriptions left behind: {sorted(left)[:5]}"
 

@@ -29,17 +29,17 @@ ENV = {"DSGW_WEBHOOK_ALLOW_PRIVATE": "true", "DSGW_SUBSCRIPTIONS_POLL_MS": "50"}
 
 
 @pytest.fixture(scope="module")
-def pair(redis_server, tmp_path_factory) -> Iterator[tuple[GatewayProcess, GatewayProcess]]:
-    a = start_gateway(redis_server.url, tmp_path_factory.mktemp("suba"), **ENV)
-    b = start_gateway(redis_server.url, tmp_path_factory.mktemp("subb"), **ENV)
+def pair(module_redis, tmp_path_factory) -> Iterator[tuple[GatewayProcess, GatewayProcess]]:
+    a = start_gateway(module_redis.url, tmp_path_factory.mktemp("suba"), **ENV)
+    b = start_gateway(module_redis.url, tmp_path_factory.mktemp("subb"), **ENV)
     yield a, b
     a.stop()
     b.stop()
 
 
 @pytest.fixture
-def rc(redis_server) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
+def rc(module_redis) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(module_redis.url)
     yield client
     client.close()
 
@@ -396,13 +396,13 @@ def test_failed_webhook_deliveries_back_off_on_a_schedule_kept_in_redis(pair, ht
     http.delete(url(a, f"__ds/subscriptions/{sub}"))
 
 
-def test_dsgw_subscriptions_lists_cursors_and_wake_state(pair, http, redis_server):
+def test_dsgw_subscriptions_lists_cursors_and_wake_state(pair, http, module_redis):
     a, _ = pair
     sub, wake, stream = woken_pull(http, a)
     claim(a, http, sub, "lister")
     out = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "subscriptions", "--json"],
-        env={**os.environ, "REDIS_URL": redis_server.url},
+        env={**os.environ, "REDIS_URL": module_redis.url},
         capture_output=True,
         text=True,
         check=True,
@@ -438,11 +438,11 @@ def test_metrics_count_deliveries_claims_and_subscriptions(pair, http):
     assert "dsgw_subscriptions " in http.get(f"{a.url}/metrics").text
 
 
-def test_with_auth_on_managing_needs_manage_and_callbacks_need_only_their_token(redis_server, tmp_path, http):
+def test_with_auth_on_managing_needs_manage_and_callbacks_need_only_their_token(module_redis, tmp_path, http):
     import jwt
 
     secret = "subscription-test-secret-" + "x" * 32
-    gw = start_gateway(redis_server.url, tmp_path, **dict(ENV, DSGW_AUTH_JWT_SECRET=secret))
+    gw = start_gateway(module_redis.url, tmp_path, **dict(ENV, DSGW_AUTH_JWT_SECRET=secret))
 
     def token(ds: dict[str, list[str]]) -> dict[str, str]:
         claims = {"sub": "t", "exp": int(time.time()) + 600, "ds": ds}
