@@ -8,9 +8,10 @@ from e2e.conformance import EXPECTED_TESTS, GATEWAY_ENV, run_suite
 from tests.conftest import start_gateway
 
 
-def test_official_conformance_suite_passes_completely(redis_server, tmp_path):
-    # Its own gateway: the subscription tests' webhook receiver is on loopback.
-    gateway = start_gateway(redis_server.url, tmp_path, **GATEWAY_ENV)
+def test_official_conformance_suite_passes_completely(module_redis, tmp_path):
+    # Its own gateway and Redis: the subscription tests' webhook receiver is on
+    # loopback, which the session's gateways (sharing their Redis) would refuse.
+    gateway = start_gateway(module_redis.url, tmp_path, **GATEWAY_ENV)
     try:
         result = run_suite(gateway.url, quiet=True)
     finally:
