@@ -231,6 +231,8 @@ CALLBACK_TOKEN_KEYS = "dskeys:callback-token"  # HMAC keys of callback / claim t
 #     dssub:{<h>}:acked   HASH   stream path -> acked offset (last processed, inclusive)
 #     dssub:{<h>}:tails   HASH   stream path -> newest tail offset the dispatcher reported
 #     dssub:{<h>}:state   HASH   generation, wake id, holder, lease and delivery deadlines, retries
+#     dssub:{<h>}:pend    SET    linked streams whose known tail is past their acked cursor: a
+#                                wake looks here, not at every link (a pattern may link millions)
 #
 # and the registry, one key each:
 #
@@ -258,10 +260,11 @@ class SubscriptionKeys:
     acked: str
     tails: str
     state: str
+    pending: str
 
     @property
     def all(self) -> list[str]:
-        return [self.definition, self.links, self.acked, self.tails, self.state]
+        return [self.definition, self.links, self.acked, self.tails, self.state, self.pending]
 
 
 def subscription_keys(sub_id: str) -> SubscriptionKeys:
@@ -273,4 +276,5 @@ def subscription_keys(sub_id: str) -> SubscriptionKeys:
         acked=f"{base}:acked",
         tails=f"{base}:tails",
         state=f"{base}:state",
+        pending=f"{base}:pend",
     )

@@ -1010,7 +1010,17 @@ SUB_SCHEMAS: Doc = {
             **WAKE,
             "token": {"type": "string", "description": "The bearer for ack and release."},
             "lease_ttl_ms": {"type": "integer"},
-            "streams": {"type": "array", "items": {"$ref": "#/components/schemas/PendingStream"}},
+            "streams": {
+                "type": "array",
+                "description": "Every linked stream, for a subscription of at most 1,000 links; "
+                "otherwise the pending ones, at most 1,000.",
+                "items": {"$ref": "#/components/schemas/PendingStream"},
+            },
+            "has_more": {
+                "type": "boolean",
+                "enum": [True],
+                "description": "Present when more streams are pending than listed; the next wake names them.",
+            },
         },
     },
     "PendingStream": {
@@ -1026,8 +1036,8 @@ SUB_SCHEMAS: Doc = {
             **WAKE,
             "streams": {
                 "type": "array",
-                "description": "The linked streams with pending work (as many as fit in "
-                "DSGW_WEBHOOK_MAX_PAYLOAD_BYTES).",
+                "description": "The linked streams with pending work (at most 1,000, and as "
+                "many as fit in DSGW_WEBHOOK_MAX_PAYLOAD_BYTES).",
                 "items": {"$ref": "#/components/schemas/PendingStream"},
             },
             "has_more": {

@@ -4,7 +4,7 @@
 -- the next one if work is still pending.
 --
 -- Input:
---   KEYS[1..5] def, links, acked, tails, state of the subscription
+--   KEYS[1..6] def, links, acked, tails, state, pending of the subscription
 --   ARGV[1] required type ('pull-wake' for ack) or '' (callback: any)
 --   ARGV[2] token generation   ARGV[3] token wake id
 --   ARGV[4] request generation ARGV[5] request wake id
@@ -55,6 +55,7 @@ for i = 9, #ARGV - 2, 3 do
   if not known or bytes_lt(known, ARGV[i + 2]) then
     redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 2])
   end
+  mark(ARGV[i])
 end
 if ARGV[6] ~= '1' then
   -- A heartbeat: the lease runs again from now.

@@ -2,7 +2,7 @@
 -- is issued if work is pending and none is in flight) and takes the lease.
 --
 -- Input:
---   KEYS[1..5] def, links, acked, tails, state of the subscription
+--   KEYS[1..6] def, links, acked, tails, state, pending of the subscription
 --   ARGV[1] worker name   ARGV[2] a fresh wake id (used only if a wake is issued)
 --   ARGV[3..] pairs: linked stream path, its tail now (refreshes the known tails)
 --
@@ -34,5 +34,10 @@ if (st.wake or '') == '' then
   st = hash(KEYS[5])
 end
 local lease = int_str(now + tonumber(def.ttl))
-redis.call('HSET', KEYS[5], 'holder', ARGV[1], 'lease', lease, 'due', '')
+-- The claimed wake names what is pending now (the claim answer lists it), not
+-- only what was when the wake was issued: a worker sees every stream it may
+-- ack with done (at most WAKE_STREAMS_MAX; the next wake names the rest).
+local _, snap, more = pending()
+redis.call('HSET', KEYS[5], 'holder', ARGV[1], 'lease', lease, 'due', '', 'snap', cjson.encode(snap),
+  'more', more and '1' or '')
 return {'ok', st.gen, st.wake, def.ttl, lease}

@@ -2,7 +2,7 @@
 -- configuration hash).
 --
 -- Input:
---   KEYS[1..5] def, links, acked, tails, state of the subscription (see sub_common)
+--   KEYS[1..6] def, links, acked, tails, state, pending of the subscription (see sub_common)
 --   ARGV[1] configuration hash   ARGV[2] type ('webhook' | 'pull-wake')
 --   ARGV[3] pattern or ''        ARGV[4] webhook url or ''   ARGV[5] wake stream or ''
 --   ARGV[6] lease ttl ms         ARGV[7] description or '' ARGV[8] '1' when a description was given
@@ -28,5 +28,5 @@ redis.call('HSET', KEYS[1], 'hash', ARGV[1], 'type', ARGV[2], 'pattern', ARGV[3]
   'wake_stream', ARGV[5], 'ttl', ARGV[6], 'desc', ARGV[7], 'has_desc', ARGV[8], 'config', ARGV[9],
   'created', int_str(now))
 redis.call('HSET', KEYS[5], 'gen', '0', 'wake', '', 'holder', '', 'lease', '', 'due', '', 'snap', '{}',
-  'trig', '', 'retries', '0', 'status', 'active', 'expiries', '0')
+  'trig', '', 'retries', '0', 'status', 'active', 'expiries', '0', 'pidx', PENDING_INDEX)
 return {'created', int_str(now)}

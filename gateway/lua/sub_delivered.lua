@@ -2,7 +2,7 @@
 -- or wake event append). Ignored when the wake is no longer current.
 --
 -- Input:
---   KEYS[1..5] def, links, acked, tails, state of the subscription
+--   KEYS[1..6] def, links, acked, tails, state, pending of the subscription
 --   ARGV[1] wake id delivered
 --   ARGV[2] 'sent' (delivered; the receiver calls back later), 'done' (the
 --           webhook answered {"done": true}: ack the wake's snapshot, release),
@@ -60,6 +60,7 @@ for path, tail in pairs(snap) do
   local acked = redis.call('HGET', KEYS[3], path)
   if acked and bytes_lt(acked, tail) then
     redis.call('HSET', KEYS[3], path, tail)
+    mark(path)
   end
 end
 return end_wake(now, def, ARGV[4], tonumber(ARGV[5])) or {'ok', next_due(hash(KEYS[5])), '0'}

@@ -3,7 +3,7 @@
 -- only gains the link type.
 --
 -- Input:
---   KEYS[1..5] def, links, acked, tails, state of the subscription
+--   KEYS[1..6] def, links, acked, tails, state, pending of the subscription
 --   ARGV[1] link type: 'e' (explicit) or 'g' (glob)
 --   ARGV[2..] triples: stream path, starting offset, the stream's tail now
 --
@@ -30,5 +30,6 @@ for i = 2, #ARGV - 2, 3 do
   if not known or bytes_lt(known, tail) then
     redis.call('HSET', KEYS[4], path, tail)
   end
+  mark(path)
 end
 return 'ok'

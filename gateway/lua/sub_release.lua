@@ -2,7 +2,7 @@
 -- (fenced like sub_ack); if work is pending a new wake is issued at once.
 --
 -- Input:
---   KEYS[1..5] def, links, acked, tails, state of the subscription
+--   KEYS[1..6] def, links, acked, tails, state, pending of the subscription
 --   ARGV[1] token generation   ARGV[2] token wake id
 --   ARGV[3] request generation ARGV[4] request wake id
 --   ARGV[5] a fresh wake id    ARGV[6] delivery takeover ms

@@ -4,7 +4,7 @@
 -- whose first sender died).
 --
 -- Input:
---   KEYS[1..5] def, links, acked, tails, state of the subscription
+--   KEYS[1..6] def, links, acked, tails, state, pending of the subscription
 --   ARGV[1] a fresh wake id (used only if a wake is issued)
 --   ARGV[2] ms another replica waits before taking over this delivery in turn
 --

@@ -3,7 +3,7 @@
 -- removal of the explicit one).
 --
 -- Input:
---   KEYS[1..5] def, links, acked, tails, state of the subscription
+--   KEYS[1..6] def, links, acked, tails, state, pending of the subscription
 --   ARGV[1] stream path   ARGV[2] link type to remove: 'e' or 'g'
 --
 -- Output: {'ok', remaining types ('' = unlinked)} | {'missing'}
@@ -20,6 +20,7 @@ if left == '' then
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('HDEL', KEYS[4], ARGV[1])
+  redis.call('SREM', KEYS[6], ARGV[1])
 else
   redis.call('HSET', KEYS[2], ARGV[1], left)
 end

@@ -41,6 +41,8 @@ BACKFILL_MAX_STREAMS = 100_000
 # The second backfill waits this long past the Redis timeout.
 BACKFILL_AGAIN_MARGIN_S = 1.0
 JITTER = 0.2
+# Up to this many links a claim reads their streams' tails and lists them all.
+CLAIM_READS_TAILS_MAX = 1000
 
 Woke = tuple[str, int, str, str, str]  # id, generation, wake id, type, stream that woke it
 
@@ -169,7 +171,7 @@ class Subscriptions:
         created in that window is linked before its first entry after all."""
         await asyncio.sleep(self.settings.redis_timeout_ms / 1000 + BACKFILL_AGAIN_MARGIN_S)
         try:
-            if await self.state.load(sub_id) is not None:
+            if await self.state.load_head(sub_id) is not None:
                 await self.backfill(sub_id, config, created_ms)
         except Exception as exc:  # Redis unavailable: the window stays as documented
             log.warning("second pattern backfill failed: %s", exc, extra={"fields": {"id": sub_id}})
@@ -301,7 +303,12 @@ class Subscriptions:
         if not isinstance(worker, str) or not worker or len(worker) > 256:
             raise invalid("worker must be a non-empty string")
         k = keys.subscription_keys(sub_id)
-        paths = [text(p) for p in await self.state.execute("HKEYS", k.links, key=k.links)]
+        # A small subscription's claim reads every linked stream's tail itself,
+        # so it sees an append the dispatcher has not announced yet; a larger
+        # one relies on the announcements (milliseconds behind) and its claim
+        # costs the same whatever the number of links.
+        small = await self.state.execute("HLEN", k.links, key=k.links) <= CLAIM_READS_TAILS_MAX
+        paths = [text(p) for p in await self.state.execute("HKEYS", k.links, key=k.links)] if small else []
         tails = await self.state.stream_tails(paths)
         args: list[Any] = [worker, new_wake_id()]
         for path, tail in tails.items():
@@ -321,14 +328,23 @@ class Subscriptions:
         await self.state.arm(sub_id, lease_end)
         metrics.CLAIMS.inc()
         token = (await self.signing()).issue_token(sub_id, wake_id, int(gen), TOKEN_TTL_S)
-        rec = await self.state.load(sub_id)
-        return {
+        # Every link of a small subscription (as the reference server lists
+        # them); the streams the wake names (at most WAKE_STREAMS_MAX) otherwise.
+        rec = (
+            {"state": {}, **await self.state.streams_of(sub_id, paths)}
+            if small
+            else await self.state.load_wake(sub_id)
+        )
+        answer = {
             "wake_id": wake_id,
             "generation": int(gen),
             "token": token,
             "streams": _stream_infos(rec, snapshot=False) if rec else [],
             "lease_ttl_ms": int(ttl),
         }
+        if rec and rec["state"].get("more") == "1":
+            answer["has_more"] = True  # as in a webhook body (wakebody.py): the next wake names them
+        return answer
 
     @staticmethod
     def _raise_for(reply: list[str]) -> None:
@@ -381,7 +397,7 @@ class Subscriptions:
         """POST the wake; the outcome and the streams the body listed."""
         from . import webhook
 
-        rec = await self.state.load(sub_id)
+        rec = await self.state.load_wake(sub_id)
         if rec is None or rec["state"].get("wake") != wake_id:
             return "stale", []
         signing = await self.signing()
@@ -399,7 +415,9 @@ class Subscriptions:
         payload["streams"], more = fit_streams(
             pending, encoded_size(payload), self.settings.webhook_max_payload_bytes, gen
         )
-        if more:
+        if more or rec["state"].get("more") == "1":
+            # More pending than the body lists (it is full, or the wake named
+            # only WAKE_STREAMS_MAX of sub_common.lua): the next wake names them.
             metrics.TRUNCATED.inc()
         else:
             del payload["has_more"]
@@ -416,7 +434,7 @@ class Subscriptions:
         return ("done" if result.done else "sent"), listed
 
     async def _append_wake_event(self, sub_id: str, gen: int, wake_id: str) -> str:
-        rec = await self.state.load(sub_id)
+        rec = await self.state.load_head(sub_id)
         if rec is None or rec["state"].get("wake") != wake_id:
             return "stale"
         wake_stream = rec["def"]["wake_stream"]

@@ -14,6 +14,7 @@ recovery sweep."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from typing import Any
@@ -101,6 +102,36 @@ class SubState:
             await self.hash(k.state),
         )
         return {"def": definition, "links": links, "acked": acked, "tails": tails, "state": state}
+
+    async def load_wake(self, sub_id: str) -> dict[str, Any] | None:
+        """What delivering the current wake needs: definition, state, and the
+        links, cursors and tails of only the streams the wake names (its
+        snapshot, at most WAKE_STREAMS_MAX of sub_common.lua), or None."""
+        head = await self.load_head(sub_id)
+        if head is None:
+            return None
+        paths = sorted(json.loads(head["state"].get("snap") or "{}"))
+        return {**head, **await self.streams_of(sub_id, paths)}
+
+    async def load_head(self, sub_id: str) -> dict[str, Any] | None:
+        """Definition and state only (no per-stream data), or None."""
+        k = keys.subscription_keys(sub_id)
+        definition, state = await asyncio.gather(self.hash(k.definition), self.hash(k.state))
+        return {"def": definition, "state": state} if definition else None
+
+    async def streams_of(self, sub_id: str, paths: list[str]) -> dict[str, dict[str, str]]:
+        """links, acked and tails of `paths` only (the ones linked)."""
+        if not paths:
+            return {"links": {}, "acked": {}, "tails": {}}
+        k = keys.subscription_keys(sub_id)
+        found = await asyncio.gather(
+            *(self.execute("HMGET", key, *paths, key=key) for key in (k.links, k.acked, k.tails))
+        )
+        links, acked, tails = (
+            {p: text(v) for p, v in zip(paths, values, strict=True) if v is not None} for values in found
+        )
+        return {"links": links, "acked": {p: v for p, v in acked.items() if p in links},
+                "tails": {p: v for p, v in tails.items() if p in links}}  # fmt: skip
 
     async def ids(self) -> list[str]:
         return sorted(

@@ -8,8 +8,16 @@
 --   KEYS[5] state (HASH)  gen (generation), wake (current wake id, '' none), holder (pull-wake
 --                         worker), lease (lease end, ms), due (delivery due at, ms: the webhook
 --                         POST or the wake event still to send), trig (stream that woke it),
---                         snap (JSON path -> tail of the wake), retries, status, expiries
+--                         snap (JSON path -> tail: the pending streams the wake names, at most
+--                         WAKE_STREAMS_MAX), more ('1': more were pending than it names),
+--                         retries, status, expiries, pidx (version of KEYS[6]'s index)
+--   KEYS[6] pending (SET) the linked streams whose tail is past their acked cursor
 -- Offsets are fixed-width strings: byte order is offset order.
+--
+-- Why KEYS[6]: a pattern subscription may link millions of streams, and every
+-- notify, ack and wake used to walk all of them. Each script that moves a
+-- cursor, a tail or a link updates that stream's membership (mark), so a wake
+-- costs O(the streams it names), whatever the number of links.
 
 -- Needs common.lua pasted first (int_str, now_ms, bytes_le, load_meta).
 
@@ -21,6 +29,36 @@ local function hash(key)
   return load_meta(key) or {}
 end
 
+-- A wake names at most this many pending streams; the others stay pending
+-- and the next wake (at once, when this one ends) names them.
+local WAKE_STREAMS_MAX = 1000
+-- The version of KEYS[6]'s index: a subscription created before it existed
+-- (or by another version) has it built from its links once, on first use.
+local PENDING_INDEX = '1'
+
+-- Keep KEYS[6] in step with one stream: pending while linked (a linked stream
+-- always has a cursor) with a known tail past that cursor.
+local function mark(path)
+  local acked = redis.call('HGET', KEYS[3], path)
+  local tail = redis.call('HGET', KEYS[4], path)
+  if acked and tail and bytes_lt(acked, tail) then
+    redis.call('SADD', KEYS[6], path)
+  else
+    redis.call('SREM', KEYS[6], path)
+  end
+end
+
+local function ensure_pending_index()
+  if redis.call('HGET', KEYS[5], 'pidx') == PENDING_INDEX then
+    return
+  end
+  redis.call('DEL', KEYS[6])
+  for _, path in ipairs(redis.call('HKEYS', KEYS[2])) do
+    mark(path)
+  end
+  redis.call('HSET', KEYS[5], 'pidx', PENDING_INDEX)
+end
+
 -- Record tails the caller saw (ARGV pairs path, tail from `first`), only forward.
 local function raise_tails(first)
   for i = first, #ARGV - 1, 2 do
@@ -29,27 +67,37 @@ local function raise_tails(first)
       local known = redis.call('HGET', KEYS[4], path)
       if not known or bytes_lt(known, tail) then
         redis.call('HSET', KEYS[4], path, tail)
+        mark(path)
       end
     end
   end
 end
 
--- The first linked stream whose tail is past its cursor, and the tails of all.
+-- Up to WAKE_STREAMS_MAX pending streams: the first of them, their tails
+-- (path -> tail), and whether more are pending. Members found not pending
+-- after all are dropped from the index on the way.
 local function pending()
-  local links = redis.call('HKEYS', KEYS[2])
-  local acked, tails = hash(KEYS[3]), hash(KEYS[4])
+  ensure_pending_index()
+  local sample = redis.call('SRANDMEMBER', KEYS[6], WAKE_STREAMS_MAX)
+  if #sample == 0 then
+    return nil, {}, false
+  end
+  table.sort(sample)
+  local acked = redis.call('HMGET', KEYS[3], unpack(sample))
+  local tails = redis.call('HMGET', KEYS[4], unpack(sample))
   local first = nil
   local snap = {}
-  for _, path in ipairs(links) do
-    local tail = tails[path]
-    if tail then
-      snap[path] = tail
-      if not first and bytes_lt(acked[path] or '-1', tail) then
-        first = path
-      end
+  local named = 0
+  for i, path in ipairs(sample) do
+    if acked[i] and tails[i] and bytes_lt(acked[i], tails[i]) then
+      snap[path] = tails[i]
+      first = first or path
+      named = named + 1
+    else
+      redis.call('SREM', KEYS[6], path)
     end
   end
-  return first, snap
+  return first, snap, redis.call('SCARD', KEYS[6]) > named
 end
 
 -- When a replica must look at this subscription next ('' = only the sweep).
@@ -64,7 +112,8 @@ local function next_due(st)
 end
 
 local function clear_wake()
-  redis.call('HSET', KEYS[5], 'wake', '', 'holder', '', 'lease', '', 'due', '', 'snap', '{}', 'trig', '')
+  redis.call('HSET', KEYS[5], 'wake', '', 'holder', '', 'lease', '', 'due', '', 'snap', '{}', 'more', '',
+    'trig', '')
 end
 
 -- A new wake when work is pending and none is in flight: a new generation and
@@ -76,14 +125,14 @@ local function try_wake(now, wake_id, claim_ms)
   if (st.wake or '') ~= '' or (st.holder or '') ~= '' then
     return nil
   end
-  local first, snap = pending()
+  local first, snap, more = pending()
   if not first then
     return nil
   end
   local def = hash(KEYS[1])
   local gen = (tonumber(st.gen) or 0) + 1
   local fields = {'gen', int_str(gen), 'wake', wake_id, 'trig', first, 'snap', cjson.encode(snap),
-    'due', int_str(now + claim_ms), 'holder', '', 'lease', ''}
+    'more', more and '1' or '', 'due', int_str(now + claim_ms), 'holder', '', 'lease', ''}
   if def.type == 'webhook' then
     fields[#fields] = int_str(now + tonumber(def.ttl))
   end
