@@ -113,6 +113,29 @@ def test_reads_of_large_messages_stop_by_bytes_inside_redis(own_redis, tmp_path)
         gw.stop()
 
 
+def test_a_chunk_limit_inside_a_large_append_reads_its_rest_in_one_go(own_redis, tmp_path):
+    """Two appends of 6,000 small messages (~1.3 MB): the 1 MiB chunk limit
+    falls inside the second, which is still returned whole, and collect.lua
+    fetches the rest of it with one XRANGE instead of one per entry."""
+    gw = gateway_on(own_redis, tmp_path)
+    client = redis.Redis(port=own_redis.port)
+    try:
+        url = gw.stream_url("big-appends")
+        assert httpx.put(url, headers={"content-type": "application/json"}).status_code == 201
+        fill_json(url, messages=12_000, size=80, per_append=6_000)
+        client.config_resetstat()
+        response = httpx.get(url, params={"offset": "-1"}, timeout=30)
+        assert response.status_code == 200
+        assert [m["n"] for m in response.json()] == list(range(12_000))
+        calls = int(client.info("commandstats")["cmdstat_xrange"]["calls"])
+        # Batches of at most 1,024 entries: 12 of them, plus the first entry alone
+        # and the one past the limit. One entry at a time past the limit was ~2,000.
+        assert calls <= 15, f"{calls} XRANGE calls for one read"
+    finally:
+        client.close()
+        gw.stop()
+
+
 # --- writes never resent ------------------------------------------------------------
 
 

@@ -8,10 +8,12 @@
 -- entries); the entry at `upper` ends an append as far as the reader sees.
 -- Entries are fetched in batches sized from the bytes still wanted, so a read
 -- of large messages never pulls more than it returns (plus one batch of
--- small ones) out of the stream.
+-- small ones) out of the stream; past a limit inside an append, the batch is
+-- exactly the rest of that append (its entries say how many follow).
 -- Returns body, last entry ID ('' when none), entry count.
 local function collect(key, after, upper, max_bytes, max_entries, sep)
   local parts, size, count, last = {}, 0, 0, nil
+  local follow = nil -- how many entries of the last entry's append follow it
   local start = '(' .. after
   local batch = 1
   while true do
@@ -25,7 +27,8 @@ local function collect(key, after, upper, max_bytes, max_entries, sep)
       size = size + #payload
       last = id
       -- fields: json|data, payload [, 'more', how many of the append follow]
-      if (fields[4] == nil or id == upper) and (size >= max_bytes or count >= max_entries) then
+      follow = fields[4]
+      if (follow == nil or id == upper) and (size >= max_bytes or count >= max_entries) then
         return table.concat(parts, sep), last, count
       end
     end
@@ -33,9 +36,15 @@ local function collect(key, after, upper, max_bytes, max_entries, sep)
       break
     end
     start = '(' .. last
-    -- Enough entries of the average size seen so far to reach max_bytes.
-    local wanted = math.ceil((max_bytes - size) / math.max(1, size / count)) + 1
-    batch = math.max(1, math.min(wanted, 1024, max_entries - count + 1))
+    local wanted
+    if size >= max_bytes or count >= max_entries then
+      wanted = tonumber(follow) -- the rest of the append the limit fell in
+    else
+      -- Enough entries of the average size seen so far to reach max_bytes.
+      wanted = math.min(math.ceil((max_bytes - size) / math.max(1, size / count)) + 1,
+        max_entries - count + 1)
+    end
+    batch = math.max(1, math.min(wanted, 1024))
   end
   return table.concat(parts, sep), last or '', count
 end
