@@ -61,6 +61,10 @@ def subscriptions(as_json: bool = typer.Option(False, "--json", help="Machine-re
                     f"tail {s['tail'] or '?'}",
                 ]
             )
+        if r["streams_total"] > len(r["streams"]):
+            table.append(
+                ["", "", "", f"  ... {r['streams_total'] - len(r['streams'])} more streams", "", "", ""]
+            )
     print_rows(["id", "type", "pattern", "target / stream", "wake / cursor", "status", "tail"], table)
 
 

@@ -519,7 +519,16 @@ def subscription_paths() -> Doc:
                 "operationId": "getSubscription",
                 "summary": "The subscription: configuration, linked streams with their acked offsets, status",
                 "security": BEARER,
-                "parameters": id_param,
+                "parameters": [
+                    *id_param,
+                    _param(
+                        "streams_cursor",
+                        "query",
+                        "The next page of the linked streams (over 1,000 links): `streams_cursor` of the "
+                        "previous answer. A stream may appear on two pages.",
+                        {"type": "string", "pattern": "^[0-9]{1,19}$"},
+                    ),
+                ],
                 "responses": {
                     "200": response("The subscription.", content=subscription),
                     **sub_errors(400, 401, 403, 404, 503),
@@ -899,7 +908,17 @@ SUBSCRIPTION: Doc = {
     "pattern": {"type": "string"},
     "streams": {
         "type": "array",
+        "description": "The linked streams: all of them up to 1,000 links, otherwise a page of them.",
         "items": {"type": "object", "required": list(LINKED), "properties": LINKED},
+    },
+    "streams_total": {
+        "type": "integer",
+        "description": "Present when the subscription links more than 1,000 streams (`streams` is then one "
+        "page of about 1,000): how many.",
+    },
+    "streams_cursor": {
+        "type": "string",
+        "description": "Present when more pages follow: pass it as `streams_cursor` to GET the next one.",
     },
     "webhook": {
         "type": "object",
@@ -967,7 +986,11 @@ SUB_SCHEMAS: Doc = {
     "Subscription": {
         "type": "object",
         # Every field but these three is always there.
-        "required": [k for k in SUBSCRIPTION if k not in ("pattern", "webhook", "description")],
+        "required": [
+            k
+            for k in SUBSCRIPTION
+            if k not in ("pattern", "webhook", "description", "streams_total", "streams_cursor")
+        ],
         "properties": SUBSCRIPTION,
     },
     "AddStreams": {

@@ -72,7 +72,7 @@ class SubscriptionRoutes:
         if rest == "":
             if method == "GET":
                 await self._authorize(request, "read", sub_id)
-                return json_reply(200, await subs.get(sub_id))
+                return json_reply(200, await subs.get(sub_id, request.query_one("streams_cursor")))
             if method == "PUT":
                 await self._authorize(request, "manage", sub_id)
                 created, record = await subs.create(sub_id, await _json(request))

@@ -176,8 +176,12 @@ class Subscriptions:
         except Exception as exc:  # Redis unavailable: the window stays as documented
             log.warning("second pattern backfill failed: %s", exc, extra={"fields": {"id": sub_id}})
 
-    async def get(self, sub_id: str) -> dict[str, Any]:
-        rec = await self.state.load(sub_id)
+    async def get(self, sub_id: str, streams_cursor: str | None = None) -> dict[str, Any]:
+        """A subscription of more than LISTED_LINKS_MAX links lists about that
+        many a page: `streams_cursor` from the previous page's answer."""
+        if streams_cursor is not None and not (streams_cursor.isdigit() and len(streams_cursor) < 20):
+            raise invalid("streams_cursor must be the streams_cursor of a previous answer")
+        rec = await self.state.load(sub_id, int(streams_cursor or 0))
         if rec is None:
             raise not_found()
         return await self.serialize(sub_id, rec)
@@ -191,6 +195,10 @@ class Subscriptions:
             {"path": p, "link_type": _link_type(t), "acked_offset": rec["acked"].get(p, ZERO_OFFSET)}
             for p, t in sorted(rec["links"].items())
         ]
+        if rec["links_cursor"] is not None:  # a page of the links (state.LISTED_LINKS_MAX)
+            out["streams_total"] = rec["links_total"]
+            if rec["links_cursor"]:
+                out["streams_cursor"] = rec["links_cursor"]
         if d.get("url"):
             out["webhook"] = {
                 "url": d["url"],

@@ -1,4 +1,5 @@
-"""`dsgw subscriptions`: every subscription with its cursors and wake state, read from Redis."""
+"""`dsgw subscriptions`: every subscription with its cursors and wake state, read from Redis
+(at most state.LISTED_LINKS_MAX streams each; `streams_total` says how many it links)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ async def list_subscriptions(mux: Any) -> list[dict[str, Any]]:
                 "status": st.get("status", "active"),
                 "retries": int(st.get("retries", "0")),
                 "lease_expiries": int(st.get("expiries", "0")),
+                "streams_total": rec["links_total"],
                 "streams": [
                     {
                         "path": path,

@@ -31,6 +31,9 @@ from ..scripts import script_sha, script_source
 TAKEOVER_MS = 15_000
 # A timer entry claimed by a replica falls due again after this long.
 TIMER_VISIBILITY_MS = 15_000
+# A subscription's GET (and `dsgw subscriptions`) lists at most this many of its
+# links: a pattern may link millions, and the answer is built in memory.
+LISTED_LINKS_MAX = 1000
 
 
 def text(value: Any) -> str:
@@ -89,19 +92,35 @@ class SubState:
         flat = await self.execute("HGETALL", key, key=key)
         return {text(flat[i]): text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
-    async def load(self, sub_id: str) -> dict[str, Any] | None:
-        """Definition, links, cursors, tails and state of one subscription, or None."""
-        k = keys.subscription_keys(sub_id)
-        definition = await self.hash(k.definition)
-        if not definition:
+    async def load(self, sub_id: str, links_cursor: int = 0) -> dict[str, Any] | None:
+        """Definition, state, `links_total`, and the links, cursors and tails
+        of the linked streams: all of them up to LISTED_LINKS_MAX links
+        (`links_cursor` None); past that, one page of about that many from
+        HSCAN cursor `links_cursor` (`links_cursor` then the next page's, ""
+        at the end). None when there is no such subscription."""
+        head = await self.load_head(sub_id)
+        if head is None:
             return None
-        links, acked, tails, state = (
-            await self.hash(k.links),
-            await self.hash(k.acked),
-            await self.hash(k.tails),
-            await self.hash(k.state),
-        )
-        return {"def": definition, "links": links, "acked": acked, "tails": tails, "state": state}
+        k = keys.subscription_keys(sub_id)
+        total = int(await self.execute("HLEN", k.links, key=k.links))
+        if total <= LISTED_LINKS_MAX and not links_cursor:
+            links, acked, tails = await asyncio.gather(
+                self.hash(k.links), self.hash(k.acked), self.hash(k.tails)
+            )
+            everything = {"links": links, "acked": acked, "tails": tails}
+            return {**head, **everything, "links_total": total, "links_cursor": None}
+        paths: set[str] = set()
+        cursor: Any = links_cursor
+        while len(paths) < LISTED_LINKS_MAX:
+            cursor, flat = await self.execute(
+                "HSCAN", k.links, cursor, "COUNT", LISTED_LINKS_MAX, key=k.links
+            )
+            paths.update(text(flat[i]) for i in range(0, len(flat), 2))
+            if int(cursor) == 0:
+                break
+        page = await self.streams_of(sub_id, sorted(paths))
+        next_cursor = "" if int(cursor) == 0 else text(cursor)
+        return {**head, **page, "links_total": total, "links_cursor": next_cursor}
 
     async def load_wake(self, sub_id: str) -> dict[str, Any] | None:
         """What delivering the current wake needs: definition, state, and the
