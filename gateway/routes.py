@@ -69,17 +69,26 @@ class StreamRoutes:
     async def handle(self, request: StreamRequest, send: Send, extra: Headers) -> int:
         """Answer one request; returns the status sent."""
         method = request.method
+        # A body on GET, HEAD or DELETE is read and dropped (after the guard,
+        # which refuses with a short answer): see StreamRequest.discard_body.
+        unread = method in TAKES_NO_BODY and request.declares_body()
         # The protocol's control APIs (__ds/...) come before any stream name.
         name = request.name
         if self.gw.subscriptions is not None and (
             name == RESERVED_ROOT or name.startswith(RESERVED_ROOT + "/")
         ):
+            if unread:  # (they check their own credentials, per subscription)
+                try:
+                    await request.discard_body(self.settings.max_body_bytes)
+                except ProblemError as exc:
+                    await reply_from(exc).send(send, extra)
+                    return exc.status
             return await self.gw.subscriptions.routes.handle(request, send, extra)
         try:
             name = stream_name(name)
             if self.guard is not None:
                 await self.guard(request, name)
-            if method in TAKES_NO_BODY and request.declares_body():
+            if unread:
                 await request.discard_body(self.settings.max_body_bytes)
             if method == "POST":
                 reply = await self.post(request, name)

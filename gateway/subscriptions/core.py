@@ -179,7 +179,9 @@ class Subscriptions:
     async def get(self, sub_id: str, streams_cursor: str | None = None) -> dict[str, Any]:
         """A subscription of more than LISTED_LINKS_MAX links lists about that
         many a page: `streams_cursor` from the previous page's answer."""
-        if streams_cursor is not None and not (streams_cursor.isdigit() and len(streams_cursor) < 20):
+        if streams_cursor is not None and not (
+            streams_cursor.isascii() and streams_cursor.isdigit() and len(streams_cursor) < 20
+        ):
             raise invalid("streams_cursor must be the streams_cursor of a previous answer")
         rec = await self.state.load(sub_id, int(streams_cursor or 0))
         if rec is None:
@@ -343,6 +345,8 @@ class Subscriptions:
             if small
             else await self.state.load_wake(sub_id)
         )
+        if rec is not None and not small and rec["state"].get("wake") != wake_id:
+            rec = None  # the lease ran out already and a later wake holds the snapshot
         answer = {
             "wake_id": wake_id,
             "generation": int(gen),

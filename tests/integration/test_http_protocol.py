@@ -297,9 +297,10 @@ def test_too_many_messages_in_one_append_is_413_and_writes_nothing(gateway, http
     assert http.post(url, headers=JSON, content=b"[" + b",".join([b"0"] * 10_000) + b"]").status_code == 204
 
 
-def _raw_exchange(port: int, request: bytes, read_after_s: float) -> tuple[bytes, bytes]:
-    """Send `request` whole, wait, then read to EOF: (head, body). The wait lets
-    the server finish and close first, as a slow reader would."""
+def _raw_exchange(port: int, request: bytes, read_after_s: float) -> tuple[bytes, bytes, bool]:
+    """Send `request` whole, wait, then read to EOF: (head, body, whether the
+    connection was reset). The wait lets the server finish and close first,
+    as a slow reader would."""
     import socket
     import time
 
@@ -307,13 +308,14 @@ def _raw_exchange(port: int, request: bytes, read_after_s: float) -> tuple[bytes
         sock.sendall(request)
         time.sleep(read_after_s)
         received = bytearray()
+        reset = False
         try:
             while chunk := sock.recv(65536):
                 received += chunk
         except ConnectionResetError:
-            pass  # what a close over unread request bytes does: the tail is lost
+            reset = True  # what a close over unread request bytes does: the tail is lost
     head, _, body = bytes(received).partition(b"\r\n\r\n")
-    return head, body
+    return head, body, reset
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
@@ -332,7 +334,8 @@ def test_a_body_on_a_request_that_takes_none_does_not_cut_the_answer_short(gatew
     request = (
         f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(unread)}\r\n\r\n"
     ).encode() + unread
-    head, body = _raw_exchange(gateway.port, request, read_after_s=0.3)
+    head, body, reset = _raw_exchange(gateway.port, request, read_after_s=0.3)
+    assert not reset
     status = int(head.split(b" ", 2)[1])
     if method == "GET":
         assert status == 200
@@ -344,6 +347,20 @@ def test_a_body_on_a_request_that_takes_none_does_not_cut_the_answer_short(gatew
         assert http.head(url).status_code == 200
 
 
+def test_a_body_on_a_control_api_read_is_dropped_too(gateway):
+    """The __ds routes (here the JWKS document) read and drop it as well: the
+    connection ends with a close, not a reset."""
+    unread = b"y" * (440 * 1024)
+    request = (
+        "GET /v1/stream/__ds/jwks.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Length: {len(unread)}\r\n\r\n"
+    ).encode() + unread
+    head, body, reset = _raw_exchange(gateway.port, request, read_after_s=0.3)
+    assert not reset
+    assert int(head.split(b" ", 2)[1]) == 200
+    assert json.loads(body)["keys"]
+
+
 def test_a_body_past_the_limit_on_a_read_is_413(gateway, http, unique):
     """The dropped body is bounded like a kept one: declared past
     DSGW_MAX_BODY_BYTES (8 MiB by default), it is refused before any is read."""
@@ -353,6 +370,6 @@ def test_a_body_past_the_limit_on_a_read_is_413(gateway, http, unique):
         f"GET /v1/stream/{unique}?offset=-1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         f"Content-Length: {8 * 1024 * 1024 + 1}\r\n\r\n"
     ).encode()
-    head, body = _raw_exchange(gateway.port, request, read_after_s=0)
+    head, body, _ = _raw_exchange(gateway.port, request, read_after_s=0)
     assert int(head.split(b" ", 2)[1]) == 413
     assert json.loads(body)["title"] == "Body too large"

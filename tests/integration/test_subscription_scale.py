@@ -195,3 +195,24 @@ def test_a_subscription_answer_lists_a_thousand_links_and_says_how_many(gw, http
     row = next(r for r in json.loads(out.stdout) if r["id"] == sub)
     assert row["streams_total"] == STREAMS and 1000 <= len(row["streams"]) < STREAMS
     assert http.delete(url(gw, f"__ds/subscriptions/{sub}")).status_code == 204
+
+
+def test_stale_members_of_the_pending_set_cannot_hide_a_pending_stream(gw, http, rc):
+    """Members another version left behind (not linked, or acked since) are
+    dropped when sampled, and sampling goes on until a pending one is found."""
+    tag = uuid.uuid4().hex[:8]
+    sub, wake = f"stale-{tag}", f"wake-{tag}/pool"
+    assert http.put(url(gw, wake), json=[]).status_code == 201
+    body = {"type": "pull-wake", "pattern": f"stale-{tag}/*", "wake_stream": wake}
+    assert http.put(url(gw, f"__ds/subscriptions/{sub}"), json=body).status_code == 201
+    create_streams(gw, http, [f"stale-{tag}/real"])
+    wait_for(lambda: wake_events(gw, http, wake, sub))
+    first = claim(gw, http, sub, "worker").json()
+    k = subscription_keys(sub)
+    rc.sadd(k.pending, *(f"stale-{tag}/gone-{i}" for i in range(5_000)))
+    assert ack(gw, http, sub, first, [], action="release").status_code == 204
+    again = claim(gw, http, sub, "worker-2")
+    assert again.status_code == 200, again.text
+    assert [s["path"] for s in again.json()["streams"]] == [f"stale-{tag}/real"]
+    # Sampled stale members are gone (at least one sample of 1,000 was taken).
+    assert rc.sismember(k.pending, f"stale-{tag}/real") and rc.scard(k.pending) <= 4_002

@@ -78,26 +78,30 @@ end
 -- after all are dropped from the index on the way.
 local function pending()
   ensure_pending_index()
-  local sample = redis.call('SRANDMEMBER', KEYS[6], WAKE_STREAMS_MAX)
-  if #sample == 0 then
-    return nil, {}, false
-  end
-  table.sort(sample)
-  local acked = redis.call('HMGET', KEYS[3], unpack(sample))
-  local tails = redis.call('HMGET', KEYS[4], unpack(sample))
   local first = nil
   local snap = {}
   local named = 0
-  for i, path in ipairs(sample) do
-    if acked[i] and tails[i] and bytes_lt(acked[i], tails[i]) then
-      snap[path] = tails[i]
-      first = first or path
-      named = named + 1
-    else
-      redis.call('SREM', KEYS[6], path)
+  -- A sample of only stale members (left by another version) is dropped and
+  -- another taken, so stale ones cannot hide pending ones from a wake.
+  repeat
+    local sample = redis.call('SRANDMEMBER', KEYS[6], WAKE_STREAMS_MAX)
+    if #sample == 0 then
+      break
     end
-  end
-  return first, snap, redis.call('SCARD', KEYS[6]) > named
+    table.sort(sample)
+    local acked = redis.call('HMGET', KEYS[3], unpack(sample))
+    local tails = redis.call('HMGET', KEYS[4], unpack(sample))
+    for i, path in ipairs(sample) do
+      if acked[i] and tails[i] and bytes_lt(acked[i], tails[i]) then
+        snap[path] = tails[i]
+        first = first or path
+        named = named + 1
+      else
+        redis.call('SREM', KEYS[6], path)
+      end
+    end
+  until first
+  return first, snap, first ~= nil and redis.call('SCARD', KEYS[6]) > named
 end
 
 -- When a replica must look at this subscription next ('' = only the sweep).
