@@ -46,9 +46,14 @@ async def test_metrics_show_each_shards_keys_and_memory(own_redis, tmp_path):
                 c.post(gws[0].stream_url(big), headers={"content-type": "text/plain"}, content=b"y" * 10_000)
 
         async def measured():  # type: ignore[no-untyped-def]
+            # The stats are a sample taken every second: one taken during the
+            # fill shows part of it, so wait for one taken after (500 KB in).
             seen = [shard_metrics(gw.url) for gw in gws]
             ok = all(
-                m["keys"].get(shard_of(big), 0) >= 2 and m["keys"].get(shard_of(small), 0) >= 2 for m in seen
+                m["keys"].get(shard_of(big), 0) >= 2
+                and m["keys"].get(shard_of(small), 0) >= 2
+                and m["memory_bytes"].get(shard_of(big), 0) > 400_000
+                for m in seen
             )
             return seen if ok else None
 
