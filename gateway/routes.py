@@ -74,17 +74,13 @@ class StreamRoutes:
         unread = method in TAKES_NO_BODY and request.declares_body()
         # The protocol's control APIs (__ds/...) come before any stream name.
         name = request.name
-        if self.gw.subscriptions is not None and (
-            name == RESERVED_ROOT or name.startswith(RESERVED_ROOT + "/")
-        ):
-            if unread:  # (they check their own credentials, per subscription)
-                try:
-                    await request.discard_body(self.settings.max_body_bytes)
-                except ProblemError as exc:
-                    await reply_from(exc).send(send, extra)
-                    return exc.status
-            return await self.gw.subscriptions.routes.handle(request, send, extra)
         try:
+            if self.gw.subscriptions is not None and (
+                name == RESERVED_ROOT or name.startswith(RESERVED_ROOT + "/")
+            ):
+                if unread:  # (they check their own credentials, per subscription)
+                    await request.discard_body(self.settings.max_body_bytes)
+                return await self.gw.subscriptions.routes.handle(request, send, extra)
             name = stream_name(name)
             if self.guard is not None:
                 await self.guard(request, name)

@@ -26,18 +26,20 @@ st = hash(KEYS[5])
 if (st.holder or '') ~= '' then
   return {'claimed', st.holder, st.gen}
 end
+local lease = int_str(now + tonumber(def.ttl))
 if (st.wake or '') == '' then
-  -- No takeover delay: the wake is claimed in this same step, nothing to deliver.
+  -- No takeover delay: the wake is claimed in this same step, nothing to deliver
+  -- (and its snapshot, just taken, is what is pending now).
   if not try_wake(now, ARGV[2], 0) then
     return {'no_work'}
   end
   st = hash(KEYS[5])
+else
+  -- A wake issued earlier: it names what is pending now (the claim answer lists
+  -- it), not only what was then, so a worker sees every stream it may ack with
+  -- done (at most WAKE_STREAMS_MAX; the next wake names the rest).
+  local _, snap, more = pending()
+  redis.call('HSET', KEYS[5], 'snap', cjson.encode(snap), 'more', more and '1' or '')
 end
-local lease = int_str(now + tonumber(def.ttl))
--- The claimed wake names what is pending now (the claim answer lists it), not
--- only what was when the wake was issued: a worker sees every stream it may
--- ack with done (at most WAKE_STREAMS_MAX; the next wake names the rest).
-local _, snap, more = pending()
-redis.call('HSET', KEYS[5], 'holder', ARGV[1], 'lease', lease, 'due', '', 'snap', cjson.encode(snap),
-  'more', more and '1' or '')
+redis.call('HSET', KEYS[5], 'holder', ARGV[1], 'lease', lease, 'due', '')
 return {'ok', st.gen, st.wake, def.ttl, lease}
